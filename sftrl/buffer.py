@@ -1,0 +1,223 @@
+"""Trajectory blocks and the replay buffer (Algorithm 1's B).
+
+A *block* is a batch of whole chains from one rollout call, stored as numpy arrays (they cross
+process boundaries; numpy moves through Ray's object store far faster than torch tensors).
+The buffer hands out uniformly sampled *transitions* (x_n, x_{n-1}, n, x_0, behaviour log-prob,
+policy version). Rewards are not stored: the learner relabels them with the current critic.
+
+The buffer holds block *handles* and a ``resolve`` function: locally a handle is the block
+itself; the Ray layer stores object references and resolves them with ``ray.get``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajectoryBlock:
+    """``B`` chains of one policy version.
+
+    ``xs`` ``(S + 1, B, *D)`` (xs[0] = x_S ... xs[S] = x_0); ``log_probs`` ``(S, B)`` behaviour
+    log-probs; ``ns`` ``(S,)`` step numbers; ``stds`` ``(S,)`` step stds (0: deterministic step,
+    not a trainable transition); ``rewards`` ``(B,)`` c(x_0) when collected (for logs only).
+    """
+
+    xs: np.ndarray
+    log_probs: np.ndarray
+    ns: np.ndarray
+    stds: np.ndarray
+    rewards: np.ndarray
+    version: int
+    block_id: str
+
+    @property
+    def num_chains(self) -> int:
+        return self.xs.shape[1]
+
+    @property
+    def trainable_steps(self) -> np.ndarray:
+        """Indices k (into the S steps) of stochastic transitions."""
+        return np.nonzero(self.stds > 0)[0]
+
+    @property
+    def num_transitions(self) -> int:
+        return len(self.trainable_steps) * self.num_chains
+
+    def meta(self) -> BlockMeta:
+        return BlockMeta(self.block_id, self.version, self.num_chains, tuple(self.trainable_steps.tolist()))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockMeta:
+    """What the buffer needs to know of a block without fetching it."""
+
+    block_id: str
+    version: int
+    num_chains: int
+    trainable_steps: tuple[int, ...]
+
+    @property
+    def num_transitions(self) -> int:
+        return len(self.trainable_steps) * self.num_chains
+
+
+@dataclasses.dataclass(frozen=True)
+class TransitionBatch:
+    """``B`` transitions: ``x_n``, ``x_prev``, ``x_0`` ``(B, *D)``; ``n``, ``log_prob``, ``version`` ``(B,)``."""
+
+    x_n: Any
+    x_prev: Any
+    x_0: Any
+    n: Any
+    log_prob: Any
+    version: Any
+
+    def __len__(self) -> int:
+        return len(self.n)
+
+    def to_torch(self, device: torch.device | str = "cpu") -> TransitionBatch:
+        def t(a):
+            return torch.as_tensor(a, device=device)
+
+        return TransitionBatch(
+            x_n=t(self.x_n).float(),
+            x_prev=t(self.x_prev).float(),
+            x_0=t(self.x_0).float(),
+            n=t(self.n).long(),
+            log_prob=t(self.log_prob).float(),
+            version=t(self.version).long(),
+        )
+
+    def select(self, index) -> TransitionBatch:
+        return TransitionBatch(
+            *(getattr(self, f.name)[index] for f in dataclasses.fields(self))
+        )
+
+    @staticmethod
+    def concat(batches: Sequence[TransitionBatch]) -> TransitionBatch:
+        fields = [f.name for f in dataclasses.fields(TransitionBatch)]
+        return TransitionBatch(*(np.concatenate([getattr(b, name) for b in batches]) for name in fields))
+
+
+def gather_transitions(block: TrajectoryBlock, steps: np.ndarray, chains: np.ndarray) -> TransitionBatch:
+    """Transitions (k, b) of a block: step index ``steps`` ``(K,)`` and chain ``chains`` ``(K,)``."""
+    return TransitionBatch(
+        x_n=block.xs[steps, chains],
+        x_prev=block.xs[steps + 1, chains],
+        x_0=block.xs[-1, chains],
+        n=block.ns[steps],
+        log_prob=block.log_probs[steps, chains],
+        version=np.full(len(steps), block.version, dtype=np.int64),
+    )
+
+
+def block_transitions(block: TrajectoryBlock) -> TransitionBatch:
+    """Every trainable transition of a block, step-major."""
+    steps = np.repeat(block.trainable_steps, block.num_chains)
+    chains = np.tile(np.arange(block.num_chains), len(block.trainable_steps))
+    return gather_transitions(block, steps, chains)
+
+
+def _identity(handle: Any) -> TrajectoryBlock:
+    return handle
+
+
+class ReplayBuffer:
+    """Blocks in, uniform transition batches out; cleared, or trimmed by weights version."""
+
+    def __init__(self, resolve: Callable[[Any], TrajectoryBlock] = _identity):
+        self._resolve = resolve
+        self._entries: list[tuple[Any, BlockMeta]] = []
+        self._seen: set[str] = set()
+        self.blocks_added = 0
+        self.transitions_added = 0
+
+    def add(self, handle: Any, meta: BlockMeta) -> None:
+        """Store one block; a block id seen before is refused (no double counting)."""
+        if meta.block_id in self._seen:
+            raise ValueError(f"block {meta.block_id!r} was already added to the buffer")
+        self._seen.add(meta.block_id)
+        self._entries.append((handle, meta))
+        self.blocks_added += 1
+        self.transitions_added += meta.num_transitions
+
+    def add_many(self, handles: Sequence[Any], metas: Sequence[BlockMeta]) -> None:
+        for handle, meta in zip(handles, metas, strict=True):
+            self.add(handle, meta)
+
+    def add_blocks(self, blocks: Sequence[TrajectoryBlock]) -> None:
+        for block in blocks:
+            self.add(block, block.meta())
+
+    @property
+    def num_transitions(self) -> int:
+        return sum(meta.num_transitions for _, meta in self._entries)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._entries)
+
+    def versions(self) -> list[int]:
+        return sorted({meta.version for _, meta in self._entries})
+
+    def sample(self, num_batches: int, batch_size: int, seed: int) -> TransitionBatch:
+        """``num_batches * batch_size`` transitions; each batch uniform without replacement.
+
+        (With replacement when the buffer holds fewer transitions than ``batch_size``.)
+        """
+        total = self.num_transitions
+        if total == 0:
+            raise RuntimeError("cannot sample from an empty replay buffer")
+        rng = np.random.default_rng(seed)
+        picks = np.concatenate(
+            [rng.choice(total, size=batch_size, replace=batch_size > total) for _ in range(num_batches)]
+        )
+        return self._gather(picks)
+
+    def all_transitions(self) -> TransitionBatch:
+        return self._gather(np.arange(self.num_transitions))
+
+    def _gather(self, picks: np.ndarray) -> TransitionBatch:
+        """Transitions at global indices ``picks``, in that order."""
+        sizes = np.array([meta.num_transitions for _, meta in self._entries])
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        entry_of = np.searchsorted(offsets, picks, side="right") - 1
+        parts, order = [], []
+        for e in np.unique(entry_of):
+            handle, meta = self._entries[e]
+            rows = np.nonzero(entry_of == e)[0]
+            local = picks[rows] - offsets[e]
+            steps = np.asarray(meta.trainable_steps)[local // meta.num_chains]
+            chains = local % meta.num_chains
+            parts.append(gather_transitions(self._resolve(handle), steps, chains))
+            order.append(rows)
+        batch = TransitionBatch.concat(parts)
+        return batch.select(np.argsort(np.concatenate(order), kind="stable"))
+
+    def clear(self) -> int:
+        """Drop every block (sync mode, end of an iteration); returns how many were dropped."""
+        dropped = len(self._entries)
+        self._entries.clear()
+        return dropped
+
+    def trim(self, min_version: int) -> int:
+        """Drop blocks older than ``min_version`` (async mode); returns how many were dropped."""
+        keep = [(h, m) for h, m in self._entries if m.version >= min_version]
+        dropped = len(self._entries) - len(keep)
+        self._entries = keep
+        return dropped
+
+    def state(self) -> dict[str, Any]:
+        """Counters for checkpoints and logs (the blocks themselves are not checkpointed)."""
+        return {
+            "blocks_added": self.blocks_added,
+            "transitions_added": self.transitions_added,
+            "num_blocks": self.num_blocks,
+            "versions": self.versions(),
+        }

@@ -1,0 +1,125 @@
+"""Factories of the plain components from a config: the same code builds them in-process and
+inside Ray actors (``sftrl.distributed``), so both backends run identical objects."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from sftrl.algos import make_algorithm
+from sftrl.buffer import ReplayBuffer
+from sftrl.config import Config
+from sftrl.critic import CriticLearner, TensorData
+from sftrl.data import load_real_data
+from sftrl.diffusion.schedules import SamplingSchedule, make_schedule
+from sftrl.learner import Learner
+from sftrl.models import build_networks
+from sftrl.rollout import RolloutWorker
+from sftrl.weights import NumpyState, load_numpy_state
+
+
+@dataclasses.dataclass(frozen=True)
+class InitState:
+    """What every component starts from: the pretrained sampler and the data's shape.
+
+    Rollout workers may get ``sampler_state=None``: every ``collect`` call brings the weights.
+    """
+
+    sampler_state: NumpyState | None
+    data_shape: tuple[int, ...]
+
+    def shape_only(self) -> InitState:
+        return InitState(None, self.data_shape)
+
+
+def resolve_device(cfg: Config) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no GPU here; use device=auto or cpu")
+    return cfg.device
+
+
+def schedule_of(cfg: Config) -> SamplingSchedule:
+    d = cfg.diffusion
+    return make_schedule(
+        d.schedule,
+        d.steps,
+        num_train_steps=d.num_train_steps,
+        beta_schedule=d.beta_schedule,
+        kappa=d.kappa,
+        variance=d.variance,
+    )
+
+
+def _networks(cfg: Config, init: InitState, seed_offset: int):
+    # Critic and baseline start from the same seeded init in every process.
+    torch.manual_seed(cfg.seed * 1_000_003 + seed_offset)
+    sampler, critic, baseline = build_networks(cfg, init.data_shape)
+    if init.sampler_state is not None:
+        load_numpy_state(sampler, init.sampler_state)
+    return sampler, critic, baseline
+
+
+def make_rollout_worker(cfg: Config, init: InitState, index: int) -> RolloutWorker:
+    torch.set_num_threads(cfg.torch_threads)
+    sampler, critic, _ = _networks(cfg, init, 0)
+    return RolloutWorker(
+        sampler,
+        critic,
+        schedule_of(cfg),
+        init.data_shape,
+        final_step_std=cfg.diffusion.final_step_std,
+        reduction=cfg.diffusion.log_prob_reduction,
+        device=resolve_device(cfg),
+        seed=cfg.seed * 7919 + 101 + index,
+        worker_id=f"worker-{index}",
+    )
+
+
+def make_learner(cfg: Config, init: InitState) -> Learner:
+    torch.set_num_threads(cfg.torch_threads)
+    sampler, critic, baseline = _networks(cfg, init, 0)
+    a = cfg.algo
+    return Learner(
+        sampler,
+        critic,
+        baseline,
+        schedule_of(cfg),
+        make_algorithm(a.name, a),
+        lr=a.policy_lr,
+        max_grad_norm=a.max_grad_norm,
+        batch_size=a.batch_size,
+        n_generator=a.n_generator,
+        final_step_std=cfg.diffusion.final_step_std,
+        reduction=cfg.diffusion.log_prob_reduction,
+        data_shape=init.data_shape,
+        device=resolve_device(cfg),
+        seed=cfg.seed * 7919 + 1,
+    )
+
+
+def make_critic_learner(cfg: Config, init: InitState, real_data: np.ndarray | None = None) -> CriticLearner:
+    """The critic learner; loads the real data itself unless given (Ray actors load their own)."""
+    torch.set_num_threads(cfg.torch_threads)
+    _, critic, baseline = _networks(cfg, init, 0)
+    a = cfg.algo
+    data = real_data if real_data is not None else load_real_data(cfg)
+    return CriticLearner(
+        critic,
+        baseline,
+        TensorData(data),
+        regulariser=a.critic_regulariser,
+        lam=a.lam,
+        gp_eta=a.gp_eta,
+        critic_lr=a.critic_lr,
+        baseline_lr=a.baseline_lr,
+        device=resolve_device(cfg),
+        seed=cfg.seed * 7919 + 2,
+    )
+
+
+def make_replay_buffer() -> ReplayBuffer:
+    return ReplayBuffer()

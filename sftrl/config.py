@@ -1,0 +1,221 @@
+"""The experiment config: one frozen dataclass tree, loaded from YAML with dotted overrides.
+
+Every field documents itself (the README's config reference is generated from these docs).
+``load(path, overrides)`` builds and validates the tree; every user mistake is a one-line
+``ConfigError`` naming the dotted key, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from sftrl.configtools import ConfigError, doc_field, load_config, to_dict
+
+TOY_DATASETS = ("swissroll", "moons", "gaussian")
+IMAGE_DATASETS = ("digits", "mnist", "cifar10", "celeba", "folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    name: Literal["swissroll", "moons", "gaussian", "digits", "mnist", "cifar10", "celeba", "folder"] = doc_field(
+        "swissroll", "Dataset: a 2-D toy set (swissroll, moons, gaussian) or an image set."
+    )
+    num_train: int = doc_field(10_000, "Toy sets: points in the training set (the paper uses 10K).")
+    path: str | None = doc_field(None, "Image sets: where the files are (digits ships with scikit-learn).")
+    image_size: int | None = doc_field(None, "Image sets: side length after cropping/resizing (null: the set's own).")
+    seed: int = doc_field(0, "Seed of the training-set draw (toy sets).")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    num_train_steps: int = doc_field(10, "T, the number of steps the base DDPM was trained with.")
+    beta_schedule: Literal["linear", "sigmoid"] = doc_field(
+        "sigmoid", "Base betas: linear 1e-4..0.02 (Ho et al.) or the toy sigmoid 1e-5..1e-2."
+    )
+    schedule: Literal["ddpm", "strided", "fastdpm-var-linear", "fastdpm-var-quadratic", "ddim"] = doc_field(
+        "ddpm", "Sampling schedule (see `sftrl schedule --help`)."
+    )
+    steps: int = doc_field(10, "S, the number of sampling steps (T' in the paper).")
+    kappa: float = doc_field(1.0, "FastDPM's eta: noise scale of the FastDPM schedules (1: DDPM-like).")
+    variance: Literal["beta", "posterior"] = doc_field(
+        "beta", "ddpm/strided step variance: beta_t or the posterior beta~_t (paper Eq. 2)."
+    )
+    final_step_std: float = doc_field(
+        0.0, "Std used during training rollouts where a step has sigma = 0 (the paper's image code: 0.001)."
+    )
+    log_prob_reduction: Literal["sum", "mean"] = doc_field(
+        "sum", "How log pi is reduced over data dims: sum (toy) or mean (the paper's images); sets the PG scale."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    sampler: Literal["toy-mlp", "unet"] = doc_field("toy-mlp", "The eps-prediction network.")
+    hidden: int = doc_field(128, "Toy sampler: hidden width of the 4-layer MLP.")
+    critic_hidden: tuple[int, ...] = doc_field((256, 256), "Toy critic: hidden widths (paper 128, code 256).")
+    baseline_hidden: tuple[int, ...] = doc_field((256, 256), "Toy baseline: hidden widths.")
+    checkpoint: str | None = doc_field(
+        None, "Pretrained sampler checkpoint; null: pretrain one and cache it (keyed by the pretraining config)."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    epochs: int = doc_field(2000, "DDPM pretraining epochs (passes over the training set; paper: 2000).")
+    batch_size: int = doc_field(128, "Pretraining batch size (paper: 128).")
+    lr: float = doc_field(1e-3, "RMSprop learning rate (paper: 1e-3).")
+    max_grad_norm: float = doc_field(1.0, "Gradient-norm clip during pretraining (paper: 1.0).")
+    seed: int = doc_field(0, "Pretraining seed.")
+    cache_dir: str = doc_field("~/.cache/sftrl/pretrained", "Where pretrained samplers are cached.")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgoConfig:
+    name: str = doc_field("sft-pg", "Policy-gradient algorithm: sft-pg (the paper), ppo, sft (pathwise).")
+    critic_regulariser: Literal["B", "GP"] = doc_field(
+        "B", "Critic regulariser: B, baseline regularisation (Eq. 23), or GP, gradient penalty (Eq. 22)."
+    )
+    lam: float = doc_field(0.1, "lambda, weight of R_B in Eq. 23 (toy 0.1, images 1.0).")
+    gp_eta: float = doc_field(0.001, "eta, weight of the gradient penalty (Eq. 22; the paper's best 0.001).")
+    n_critic: int = doc_field(5, "Critic updates per iteration, each on a fresh rollout block (Algorithm 1).")
+    n_generator: int = doc_field(1, "Policy steps per iteration (Algorithm 1; toy 1, images 10).")
+    batch_size: int = doc_field(128, "m: chains per rollout block and transitions per policy step.")
+    max_grad_norm: float | None = doc_field(None, "gamma, the policy gradient-norm clip (null: none; images 0.1).")
+    policy_lr: float = doc_field(5e-5, "Adam learning rate of the sampler (toy 5e-5, images 1e-6).")
+    critic_lr: float = doc_field(1e-3, "Adam learning rate of the critic (toy 1e-3, images 1e-4).")
+    baseline_lr: float = doc_field(1e-3, "Adam learning rate of the baseline (toy 1e-3, images 1e-4).")
+    ppo_clip: float = doc_field(0.2, "ppo: clip range of the importance ratio.")
+    ppo_epochs: int = doc_field(2, "ppo: passes over the buffer per iteration.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    iterations: int = doc_field(3000, "Iterations of Algorithm 1 (critic phase + generator phase).")
+    eval_every: int = doc_field(500, "Evaluate every this many iterations (0: only at the start and the end).")
+    eval_samples: int = doc_field(10_000, "Samples per evaluation draw (Table 1: 10K).")
+    eval_draws: int = doc_field(5, "Independent draws per evaluation; SW2 is reported as mean and spread.")
+    exact_w2_points: int = doc_field(2000, "Points per side for exact W2 (ot.emd2); 0 disables it.")
+    log_every: int = doc_field(50, "Write a metrics line every this many iterations.")
+    checkpoint_every: int = doc_field(1000, "Checkpoint every this many iterations (0: only at the end).")
+    keep_checkpoints: int = doc_field(3, "How many checkpoints to keep (older ones are deleted).")
+    max_nonfinite_updates: int = doc_field(10, "Stop after this many non-finite updates in a row.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    num_workers: int = doc_field(1, "Rollout workers (Ray actors), spread across nodes.")
+    num_gpus_per_worker: float = doc_field(0.0, "GPUs per rollout worker; fractions share a GPU.")
+    num_cpus_per_worker: float = doc_field(0.5, "CPUs Ray reserves per rollout worker.")
+    max_restarts: int = doc_field(3, "Times Ray restarts a failed rollout worker.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RayConfig:
+    backend: Literal["ray", "local"] = doc_field(
+        "ray", "ray: actors; local: the same components in one process (debugging, overhead baselines)."
+    )
+    address: str | None = doc_field(
+        None, "Ray cluster address; null: join the cluster this job runs on, else start Ray in-process."
+    )
+    num_cpus: int | None = doc_field(None, "CPUs for an in-process Ray (null: all).")
+    learner_num_gpus: float = doc_field(0.0, "GPUs reserved by the learner actor.")
+    critic_num_gpus: float = doc_field(0.0, "GPUs reserved by the critic actor.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str = doc_field("swissroll", "Experiment name (names the run directory).")
+    seed: int = doc_field(0, "Master seed of rollouts, learners and evaluation.")
+    device: Literal["auto", "cpu", "cuda"] = doc_field("auto", "Torch device of every component (auto: cuda if present).")
+    torch_threads: int = doc_field(1, "Torch CPU threads per process (1 is fastest for the toy MLPs).")
+    data: DataConfig = doc_field(doc="The real data q_0.", default_factory=DataConfig)
+    diffusion: DiffusionConfig = doc_field(doc="Base DDPM and sampling schedule.", default_factory=DiffusionConfig)
+    model: ModelConfig = doc_field(doc="Sampler, critic and baseline networks.", default_factory=ModelConfig)
+    pretrain: PretrainConfig = doc_field(doc="DDPM pretraining of the initial sampler.", default_factory=PretrainConfig)
+    algo: AlgoConfig = doc_field(doc="Fine-tuning algorithm (Algorithm 1).", default_factory=AlgoConfig)
+    trainer: TrainerConfig = doc_field(doc="The training loop.", default_factory=TrainerConfig)
+    rollout: RolloutConfig = doc_field(doc="Rollout workers.", default_factory=RolloutConfig)
+    ray: RayConfig = doc_field(doc="Ray.", default_factory=RayConfig)
+
+    @property
+    def is_toy(self) -> bool:
+        return self.data.name in TOY_DATASETS
+
+    def validate(self) -> Config:
+        """Cross-field checks; raises ConfigError naming the key. Returns self for chaining."""
+        from sftrl.algos import ALGORITHMS
+
+        def need(ok: bool, key: str, value, valid: str) -> None:
+            if not ok:
+                raise ConfigError(f"'{key}' = {value!r} is invalid: {valid}", key=key)
+
+        d, a, t = self.diffusion, self.algo, self.trainer
+        need(d.num_train_steps >= 1, "diffusion.num_train_steps", d.num_train_steps, "must be >= 1")
+        need(1 <= d.steps <= d.num_train_steps, "diffusion.steps", d.steps,
+             f"must be between 1 and diffusion.num_train_steps = {d.num_train_steps}")
+        need(d.schedule != "ddpm" or d.steps == d.num_train_steps, "diffusion.steps", d.steps,
+             f"schedule 'ddpm' runs all T = {d.num_train_steps} steps; use 'strided' or a FastDPM schedule for fewer")
+        need(not d.schedule.startswith("fastdpm") or d.beta_schedule == "linear", "diffusion.beta_schedule",
+             d.beta_schedule, f"schedule {d.schedule!r} needs 'linear' base betas")
+        need(d.kappa >= 0, "diffusion.kappa", d.kappa, "must be >= 0")
+        need(d.final_step_std >= 0, "diffusion.final_step_std", d.final_step_std, "must be >= 0")
+        need(a.name in ALGORITHMS, "algo.name", a.name, f"valid: {', '.join(sorted(ALGORITHMS))}")
+        need(a.name != "sft" or a.critic_regulariser == "GP", "algo.critic_regulariser", a.critic_regulariser,
+             "algorithm 'sft' (pathwise) needs a Lipschitz critic: use 'GP'")
+        for key in ("n_critic", "n_generator", "batch_size", "ppo_epochs"):
+            need(getattr(a, key) >= 1, f"algo.{key}", getattr(a, key), "must be >= 1")
+        for key in ("policy_lr", "critic_lr", "baseline_lr", "ppo_clip"):
+            need(getattr(a, key) > 0, f"algo.{key}", getattr(a, key), "must be > 0")
+        for key in ("lam", "gp_eta"):
+            need(getattr(a, key) >= 0, f"algo.{key}", getattr(a, key), "must be >= 0")
+        need(a.max_grad_norm is None or a.max_grad_norm > 0, "algo.max_grad_norm", a.max_grad_norm, "must be > 0 or null")
+        need(t.iterations >= 0, "trainer.iterations", t.iterations, "must be >= 0")
+        for key in ("eval_every", "checkpoint_every", "exact_w2_points"):
+            need(getattr(t, key) >= 0, f"trainer.{key}", getattr(t, key), "must be >= 0")
+        for key in ("eval_samples", "eval_draws", "log_every", "keep_checkpoints", "max_nonfinite_updates"):
+            need(getattr(t, key) >= 1, f"trainer.{key}", getattr(t, key), "must be >= 1")
+        p = self.pretrain
+        for key in ("epochs", "batch_size"):
+            need(getattr(p, key) >= 1, f"pretrain.{key}", getattr(p, key), "must be >= 1")
+        need(p.lr > 0, "pretrain.lr", p.lr, "must be > 0")
+        need(p.max_grad_norm > 0, "pretrain.max_grad_norm", p.max_grad_norm, "must be > 0")
+        r = self.rollout
+        need(r.num_workers >= 1, "rollout.num_workers", r.num_workers, "must be >= 1")
+        need(r.num_gpus_per_worker >= 0, "rollout.num_gpus_per_worker", r.num_gpus_per_worker, "must be >= 0")
+        need(r.num_cpus_per_worker >= 0, "rollout.num_cpus_per_worker", r.num_cpus_per_worker, "must be >= 0")
+        need(r.max_restarts >= 0, "rollout.max_restarts", r.max_restarts, "must be >= 0")
+        need(self.torch_threads >= 1, "torch_threads", self.torch_threads, "must be >= 1")
+        need(self.data.num_train >= 1, "data.num_train", self.data.num_train, "must be >= 1")
+        if self.is_toy:
+            need(self.model.sampler == "toy-mlp", "model.sampler", self.model.sampler,
+                 f"the 2-D toy set {self.data.name!r} uses 'toy-mlp'")
+        return self
+
+
+def load(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read ``path`` (YAML; None: defaults), apply ``key.sub=value`` overrides, validate."""
+    cfg = load_config(Config, path, overrides)
+    try:
+        return cfg.validate()
+    except ConfigError as err:
+        if path:
+            raise err.with_context(f"config file '{path}'") from None
+        raise
+
+
+def pretrain_key(cfg: Config) -> str:
+    """A short hash of everything that determines the pretrained sampler (its cache key)."""
+    relevant = {
+        "data": to_dict(cfg.data),
+        "num_train_steps": cfg.diffusion.num_train_steps,
+        "beta_schedule": cfg.diffusion.beta_schedule,
+        "sampler": cfg.model.sampler,
+        "hidden": cfg.model.hidden,
+        "pretrain": {k: v for k, v in to_dict(cfg.pretrain).items() if k != "cache_dir"},
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

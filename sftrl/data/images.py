@@ -1,0 +1,396 @@
+"""Image datasets: the bundled 8x8 digits and user-supplied MNIST, CIFAR-10, CelebA and folders.
+
+Every loader returns a ``float32`` numpy array ``(N, C, H, W)`` scaled to [-1, 1] (an 8-bit
+pixel ``v`` becomes ``v / 127.5 - 1``), the range the DDPM samplers, the critic and the
+baseline work in. Nothing is downloaded: a missing or malformed path raises :class:`DataError`
+with a one-line message naming the path, what was expected there and where to get the files.
+
+==========  =====================================  =====================================
+name        files expected at ``data.path``        shape (native size)
+==========  =====================================  =====================================
+digits      none (ships with scikit-learn)         (1797, 1, 8, 8)
+mnist       ``train-images-idx3-ubyte[.gz]``       (60000, 1, 28, 28)
+cifar10     ``cifar-10-batches-py/data_batch_1..5``  (50000, 3, 32, 32)
+celeba      ``img_align_celeba/*.jpg`` (178x218)   (202599, 3, 64, 64) after the paper's crop
+folder      any ``*.png`` / ``*.jpg`` (recursive)  (N, C, image_size, image_size)
+==========  =====================================  =====================================
+
+JPEG/PNG decoding uses Pillow (a dependency of matplotlib); the digits, MNIST and CIFAR-10
+loaders need no image library.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+__all__ = [
+    "CELEBA_CROP",
+    "IMAGE_DATASETS",
+    "DataError",
+    "load_celeba",
+    "load_cifar10",
+    "load_digits_images",
+    "load_image_dataset",
+    "load_image_folder",
+    "load_mnist",
+]
+
+IMAGE_DATASETS = ("digits", "mnist", "cifar10", "celeba", "folder")
+
+# (top, left, height, width) of the paper's CelebA crop: rows 57..185, cols 25..153 of the
+# 218x178 aligned images, a 128x128 face square (DDIM's CelebA pipeline, used by SFT-PG).
+CELEBA_CROP = (57, 25, 128, 128)
+CELEBA_SIZE = (218, 178)  # (height, width) of every img_align_celeba JPEG
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+MNIST_SOURCE = "http://yann.lecun.com/exdb/mnist/ (or any mirror of the four IDX files)"
+CIFAR10_SOURCE = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (extract it)"
+CELEBA_SOURCE = (
+    "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html "
+    "(Align&Cropped Images, img_align_celeba.zip; extract it)"
+)
+
+IDX_UBYTE_3D_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (N, rows, cols)
+
+
+class DataError(ValueError):
+    """A dataset path is missing or its files are not what the loader expects."""
+
+
+def _data_error(path: Path | str, expected: str, source: str, problem: str = "") -> DataError:
+    lead = f"{problem} " if problem else ""
+    return DataError(f"{lead}{path}: expected {expected}; get it from {source}")
+
+
+def _uint8_to_unit(x: np.ndarray) -> np.ndarray:
+    """``uint8`` pixels -> ``float32`` in [-1, 1] (0 -> -1, 255 -> 1)."""
+    return (x.astype(np.float32) / np.float32(127.5) - np.float32(1.0)).astype(np.float32)
+
+
+def _resize(x: np.ndarray, image_size: int) -> np.ndarray:
+    """Bilinear resize of ``(N, C, H, W)`` to ``(N, C, image_size, image_size)``.
+
+    Downsampling is antialiased; a convex interpolation keeps values inside [-1, 1].
+    """
+    if x.shape[-2:] == (image_size, image_size):
+        return x
+    t = torch.from_numpy(x)
+    antialias = image_size < max(x.shape[-2:])
+    out = F.interpolate(t, size=(image_size, image_size), mode="bilinear",
+                        align_corners=False, antialias=antialias)  # (N, C, s, s)
+    return out.clamp_(-1.0, 1.0).numpy().astype(np.float32, copy=False)
+
+
+def _check_image_size(image_size: int | None) -> int | None:
+    if image_size is not None and (int(image_size) != image_size or image_size < 1):
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    return None if image_size is None else int(image_size)
+
+
+def _check_limit(limit: int | None) -> int | None:
+    if limit is not None and (int(limit) != limit or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    return None if limit is None else int(limit)
+
+
+# ---------------------------------------------------------------------------------- digits
+
+
+def load_digits_images(image_size: int = 8) -> np.ndarray:
+    """scikit-learn's bundled 8x8 handwritten digits, the CPU image benchmark.
+
+    ``sklearn.datasets.load_digits()``: 1797 images with integer values 0..16, mapped to
+    [-1, 1] by ``v / 8 - 1``. With ``image_size != 8`` the images are resized bilinearly
+    (e.g. 16 for a U-Net that needs four downsampling levels).
+
+    Returns:
+        ``float32`` array ``(1797, 1, image_size, image_size)`` in [-1, 1].
+    """
+    from sklearn.datasets import load_digits
+
+    image_size = _check_image_size(image_size)
+    images = load_digits().images.astype(np.float32)  # (1797, 8, 8), values 0..16
+    x = (images / np.float32(8.0) - np.float32(1.0))[:, None]  # (1797, 1, 8, 8)
+    return _resize(x.astype(np.float32), image_size)
+
+
+# ----------------------------------------------------------------------------------- MNIST
+
+
+def _read_idx_images(file: Path) -> np.ndarray:
+    """Parse an IDX3 ubyte file (optionally gzipped) -> ``uint8`` ``(N, rows, cols)``.
+
+    Header: big-endian int32 magic 2051, then the three dimensions as big-endian uint32.
+    """
+    expected = f"an MNIST IDX image file (magic {IDX_UBYTE_3D_MAGIC}, then N, rows, cols)"
+    opener = gzip.open if file.name.endswith(".gz") else open
+    try:
+        with opener(file, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise _data_error(file, expected, MNIST_SOURCE, f"cannot read ({err}):") from err
+    if len(raw) < 16:
+        raise _data_error(file, expected, MNIST_SOURCE, f"truncated header ({len(raw)} bytes):")
+    magic, n, rows, cols = (int(v) for v in np.frombuffer(raw[:16], dtype=">u4"))
+    if magic != IDX_UBYTE_3D_MAGIC:
+        raise _data_error(file, expected, MNIST_SOURCE, f"wrong IDX magic {magic}:")
+    size = n * rows * cols
+    if len(raw) - 16 != size:
+        raise _data_error(
+            file, expected, MNIST_SOURCE,
+            f"truncated or oversized data ({len(raw) - 16} pixel bytes for {n}x{rows}x{cols}):",
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+
+
+def load_mnist(path: str | Path, split: Literal["train", "test"] = "train") -> np.ndarray:
+    """MNIST digits from the original IDX files.
+
+    ``path`` is a directory holding ``train-images-idx3-ubyte`` (``t10k-images-idx3-ubyte``
+    for ``split="test"``), gzipped or not; torchvision's ``MNIST/raw`` sub-folder layout and
+    the ``train-images.idx3-ubyte`` spelling are accepted too.
+
+    Returns:
+        ``float32`` array ``(60000, 1, 28, 28)`` (test: 10000) in [-1, 1].
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    stem = "train-images" if split == "train" else "t10k-images"
+    root = Path(path).expanduser()
+    expected = f"a directory with {stem}-idx3-ubyte (or .gz)"
+    if not root.is_dir():
+        raise _data_error(root, expected, MNIST_SOURCE, "MNIST directory not found:")
+    names = [f"{stem}-idx3-ubyte", f"{stem}-idx3-ubyte.gz", f"{stem}.idx3-ubyte"]
+    for folder in (root, root / "raw", root / "MNIST" / "raw"):
+        for name in names:
+            if (folder / name).is_file():
+                images = _read_idx_images(folder / name)  # (N, 28, 28) uint8
+                return _uint8_to_unit(images[:, None])
+    raise _data_error(root, expected, MNIST_SOURCE, "MNIST image file not found:")
+
+
+# -------------------------------------------------------------------------------- CIFAR-10
+
+
+def _cifar_dir(root: Path) -> Path:
+    expected = "cifar-10-batches-py/ with data_batch_1..5 and test_batch (python pickles)"
+    if not root.is_dir():
+        raise _data_error(root, expected, CIFAR10_SOURCE, "CIFAR-10 directory not found:")
+    for folder in (root, root / "cifar-10-batches-py"):
+        if (folder / "data_batch_1").is_file() or (folder / "test_batch").is_file():
+            return folder
+    raise _data_error(root, expected, CIFAR10_SOURCE, "CIFAR-10 batches not found:")
+
+
+def _read_cifar_batch(file: Path) -> np.ndarray:
+    """One CIFAR-10 python batch -> ``uint8`` ``(n, 3, 32, 32)``."""
+    expected = "a CIFAR-10 python batch (a pickled dict with b'data': uint8 (n, 3072))"
+    if not file.is_file():
+        raise _data_error(file, expected, CIFAR10_SOURCE, "CIFAR-10 batch missing:")
+    try:
+        with open(file, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except Exception as err:  # unpickling raises many types on a corrupt file
+        raise _data_error(file, expected, CIFAR10_SOURCE, f"cannot unpickle ({err!r}):") from err
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == 3 * 32 * 32):
+        got = getattr(data, "shape", type(data).__name__)
+        raise _data_error(file, expected, CIFAR10_SOURCE, f"malformed batch (data: {got}):")
+    return data.reshape(-1, 3, 32, 32)  # rows are channel-major: R plane, G plane, B plane
+
+
+def load_cifar10(
+    path: str | Path, split: Literal["train", "test"] = "train", limit: int | None = None
+) -> np.ndarray:
+    """CIFAR-10 from its python batches (``cifar-10-batches-py``, or the folder holding it).
+
+    Each batch is a pickled dict whose ``b'data'`` is ``uint8`` ``(10000, 3072)``, one image per
+    row in channel-major (CHW) order. Security: unpickling can run arbitrary code, so only load
+    batches from a source you trust (the official archive).
+
+    Returns:
+        ``float32`` array ``(50000, 3, 32, 32)`` (test: 10000; ``limit``: the first ``limit``)
+        in [-1, 1].
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    limit = _check_limit(limit)
+    folder = _cifar_dir(Path(path).expanduser())
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    parts, count = [], 0
+    for name in names:
+        parts.append(_read_cifar_batch(folder / name))
+        count += len(parts[-1])
+        if limit is not None and count >= limit:
+            break
+    return _uint8_to_unit(np.concatenate(parts)[:limit])
+
+
+# ---------------------------------------------------------------------- CelebA and folders
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise DataError(
+            "decoding JPEG/PNG images needs Pillow, which is not installed: pip install pillow"
+        ) from err
+    return Image
+
+
+def _pil_to_array(img, channels: int) -> np.ndarray:
+    """PIL image -> ``uint8`` ``(C, H, W)``."""
+    arr = np.asarray(img.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def _fill(files: list[Path], decode, shape: tuple[int, int, int]) -> np.ndarray:
+    """Decode ``files`` one by one into a preallocated ``float32`` ``(N, *shape)`` array."""
+    out = np.empty((len(files), *shape), dtype=np.float32)
+    for i, file in enumerate(files):
+        out[i] = _uint8_to_unit(decode(file))
+    return out
+
+
+def load_celeba(path: str | Path, image_size: int = 64, limit: int | None = None) -> np.ndarray:
+    """CelebA faces from ``img_align_celeba`` with the paper's crop and resize.
+
+    ``path`` is the ``img_align_celeba`` directory of 178x218 JPEGs (or the folder holding it).
+    Each image is cropped to rows 57..185 and columns 25..153 (``[57:185, 25:153]``, a 128x128
+    face square, as DDIM's CelebA pipeline that SFT-PG uses) and resized to ``image_size`` with
+    PIL's antialiased bilinear filter (torchvision's ``Resize`` on a PIL image). The random
+    horizontal flip of that pipeline is a training augmentation and is not applied here.
+    ``limit`` loads only the first ``limit`` files in sorted order. The full set is 202599
+    images: about 10 GB as ``float32`` at 64x64.
+
+    Returns:
+        ``float32`` array ``(N, 3, image_size, image_size)`` in [-1, 1].
+    """
+    image_size = _check_image_size(image_size)
+    limit = _check_limit(limit)
+    root = Path(path).expanduser()
+    expected = "the img_align_celeba directory of 178x218 *.jpg files"
+    if not root.is_dir():
+        raise _data_error(root, expected, CELEBA_SOURCE, "CelebA directory not found:")
+    folder = root / "img_align_celeba" if (root / "img_align_celeba").is_dir() else root
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not files:
+        raise _data_error(folder, expected, CELEBA_SOURCE, "no CelebA JPEGs found:")
+    files = files[:limit]
+    image_lib = _pil()
+    top, left, height, width = CELEBA_CROP
+
+    def decode(file: Path) -> np.ndarray:
+        img = _open_image(image_lib, file, expected, CELEBA_SOURCE)
+        if (img.height, img.width) != CELEBA_SIZE:
+            raise _data_error(file, expected, CELEBA_SOURCE,
+                              f"not an aligned CelebA image ({img.width}x{img.height}):")
+        img = img.convert("RGB").crop((left, top, left + width, top + height))
+        img = img.resize((image_size, image_size), image_lib.BILINEAR)
+        return _pil_to_array(img, 3)
+
+    return _fill(files, decode, (3, image_size, image_size))
+
+
+def _open_image(image_lib, file: Path, expected: str, source: str):
+    try:
+        img = image_lib.open(file)
+        img.load()
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise _data_error(file, expected, source, f"cannot decode image ({err}):") from err
+    return img
+
+
+def _image_files(folder: Path) -> Iterator[Path]:
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            yield p
+
+
+def load_image_folder(
+    path: str | Path, image_size: int, channels: int = 3, limit: int | None = None
+) -> np.ndarray:
+    """Any folder of images (searched recursively, sorted by path), center-cropped and resized.
+
+    Files with an extension in ``IMAGE_EXTENSIONS`` are decoded (others are ignored; an image
+    file that cannot be decoded is an error). Each image is converted to RGB (``channels=3``)
+    or grayscale (``channels=1``), center-cropped to a square of its shorter side and resized
+    to ``image_size`` with PIL's antialiased bilinear filter.
+
+    Returns:
+        ``float32`` array ``(N, channels, image_size, image_size)`` in [-1, 1].
+    """
+    image_size = _check_image_size(image_size)
+    if image_size is None:
+        raise ValueError("load_image_folder needs an image_size (set data.image_size)")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    limit = _check_limit(limit)
+    root = Path(path).expanduser()
+    expected = f"a folder of image files ({', '.join(IMAGE_EXTENSIONS)})"
+    source = "your own images (any folder of pictures)"
+    if not root.is_dir():
+        raise _data_error(root, expected, source, "image folder not found:")
+    files = list(_image_files(root))[:limit]
+    if not files:
+        raise _data_error(root, expected, source, "no image files found:")
+    image_lib = _pil()
+
+    def decode(file: Path) -> np.ndarray:
+        img = _open_image(image_lib, file, expected, source)
+        side = min(img.width, img.height)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+        img = img.resize((image_size, image_size), image_lib.BILINEAR)
+        return _pil_to_array(img, channels)
+
+    return _fill(files, decode, (channels, image_size, image_size))
+
+
+# ---------------------------------------------------------------------------------- dispatch
+
+
+def load_image_dataset(
+    name: str, path: str | Path | None, image_size: int | None = None, limit: int | None = None
+) -> np.ndarray:
+    """Load the image set ``name`` (``data.name``) from ``path`` (``data.path``).
+
+    ``image_size`` (``data.image_size``) None keeps each set's own size (digits 8, MNIST 28,
+    CIFAR-10 32, CelebA 64); folders need it. MNIST and CIFAR-10 are resized bilinearly when
+    it differs. ``limit`` keeps the first ``limit`` images.
+
+    Returns:
+        ``float32`` array ``(N, C, H, W)`` in [-1, 1].
+    """
+    if name not in IMAGE_DATASETS:
+        raise ValueError(f"unknown image dataset {name!r}; valid: {', '.join(IMAGE_DATASETS)}")
+    image_size = _check_image_size(image_size)
+    limit = _check_limit(limit)
+    if name == "digits":
+        return load_digits_images(image_size or 8)[:limit]
+    if path is None:
+        where = {"mnist": MNIST_SOURCE, "cifar10": CIFAR10_SOURCE, "celeba": CELEBA_SOURCE,
+                 "folder": "your own images"}[name]
+        raise DataError(f"dataset {name!r} needs its files: set data.path; get them from {where}")
+    if name == "mnist":
+        x = load_mnist(path)[:limit]
+    elif name == "cifar10":
+        x = load_cifar10(path, limit=limit)
+    elif name == "celeba":
+        return load_celeba(path, image_size or 64, limit)
+    else:
+        if image_size is None:
+            raise ValueError("dataset 'folder' needs data.image_size (the side length to resize to)")
+        return load_image_folder(path, image_size, limit=limit)
+    return x if image_size is None else _resize(x, image_size)

@@ -1,0 +1,39 @@
+"""The one place where "local object or Ray actor" is decided.
+
+The trainer talks to every component through a ``Handle``: ``call(method, *args)`` returns a
+future and ``resolve(futures)`` waits for them. A ``LocalHandle`` runs the method at once on a
+plain object (its futures are the values); ``sftrl.distributed`` provides the Ray handle, whose
+futures are object references that can be passed straight into other calls without a copy
+through the driver.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Handle(Protocol):
+    name: str
+
+    def call(self, method: str, *args: Any, num_returns: int = 1) -> Any: ...
+
+    def resolve(self, futures: Any) -> Any: ...
+
+
+class LocalHandle:
+    """Runs methods in this process; futures are plain values."""
+
+    def __init__(self, obj: Any, name: str):
+        self.obj = obj
+        self.name = name
+
+    def call(self, method: str, *args: Any, num_returns: int = 1) -> Any:
+        result = getattr(self.obj, method)(*args)
+        if num_returns != 1:
+            result = list(result)
+            if len(result) != num_returns:
+                raise RuntimeError(f"{self.name}.{method} returned {len(result)} values, expected {num_returns}")
+        return result
+
+    def resolve(self, futures: Any) -> Any:
+        return futures

@@ -1,0 +1,98 @@
+"""Learner: the sampler's optimiser and a pluggable policy-gradient algorithm."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from sftrl.algos.base import PolicyAlgorithm, PolicyContext
+from sftrl.buffer import TransitionBatch
+from sftrl.diffusion.schedules import SamplingSchedule
+from sftrl.diffusion.step import Reduction
+from sftrl.weights import NumpyState, load_numpy_state, to_numpy_state
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    module = copy.deepcopy(module).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class Learner:
+    """Owns theta. ``update_policy`` runs one generator phase and bumps the weights version."""
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        critic: nn.Module,
+        baseline: nn.Module,
+        schedule: SamplingSchedule,
+        algorithm: PolicyAlgorithm,
+        *,
+        lr: float,
+        max_grad_norm: float | None,
+        batch_size: int,
+        n_generator: int,
+        final_step_std: float,
+        reduction: Reduction,
+        data_shape: tuple[int, ...],
+        device: str = "cpu",
+        seed: int = 0,
+    ):
+        self.device = torch.device(device)
+        self.policy = policy.to(self.device).train()
+        self.algorithm = algorithm
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr)
+        self.ctx = PolicyContext(
+            policy=self.policy,
+            optimizer=self.optimizer,
+            critic=_frozen(critic).to(self.device),
+            baseline=_frozen(baseline).to(self.device),
+            tables=schedule.tables(self.device),
+            final_step_std=final_step_std,
+            reduction=reduction,
+            max_grad_norm=max_grad_norm,
+            batch_size=batch_size,
+            n_generator=n_generator,
+            data_shape=tuple(data_shape),
+            generator=torch.Generator(device=self.device).manual_seed(seed),
+            device=self.device,
+        )
+        self.version = 0
+        self.critic_version = -1
+
+    def get_weights(self) -> tuple[int, NumpyState]:
+        """``(version, policy state)`` as numpy arrays."""
+        return self.version, to_numpy_state(self.policy)
+
+    def set_critic_weights(self, version: int, states: dict[str, NumpyState]) -> None:
+        if version != self.critic_version:
+            load_numpy_state(self.ctx.critic, states["critic"])
+            load_numpy_state(self.ctx.baseline, states["baseline"])
+            self.critic_version = version
+
+    def update_policy(
+        self, data: TransitionBatch | None, critic_weights: tuple[int, dict[str, NumpyState]]
+    ) -> list[dict[str, float]]:
+        """One generator phase with the given critic version; returns per-step metrics."""
+        self.set_critic_weights(*critic_weights)
+        metrics = self.algorithm.update(self.ctx, data)
+        self.version += 1
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {
+            "policy": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.ctx.generator.get_state(),
+            "version": self.version,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ctx.generator.set_state(state["generator"])
+        self.version = state["version"]

@@ -1,0 +1,40 @@
+"""One guarded optimiser step, shared by every learner."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+GRAD_NORM = "grad_norm"
+SKIPPED = "skipped_nonfinite"
+
+
+def gradient_step(
+    loss: torch.Tensor,
+    optimizers: Iterable[torch.optim.Optimizer],
+    parameters: list[torch.nn.Parameter],
+    max_grad_norm: float | None,
+) -> dict[str, float]:
+    """Backward, clip the joint gradient norm at ``max_grad_norm`` (None: no clipping), step.
+
+    A non-finite loss or gradient skips the update entirely (no optimiser moves) and reports
+    ``skipped_nonfinite = 1`` so the caller can count and stop after too many in a row.
+    """
+    optimizers = list(optimizers)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return {GRAD_NORM: float("nan"), SKIPPED: 1.0}
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(
+        parameters, max_grad_norm if max_grad_norm is not None else math.inf
+    )
+    if not torch.isfinite(norm):
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        return {GRAD_NORM: float("nan"), SKIPPED: 1.0}
+    for opt in optimizers:
+        opt.step()
+    return {GRAD_NORM: norm.item(), SKIPPED: 0.0}

@@ -1,0 +1,142 @@
+"""RolloutWorker: a policy copy that drives the batched denoising env and returns trajectory blocks."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+from sftrl_envs.denoising import DenoisingChainVectorEnv
+from torch import nn
+
+from sftrl.buffer import TrajectoryBlock
+from sftrl.diffusion.schedules import SamplingSchedule
+from sftrl.diffusion.step import Reduction, denoise_step
+from sftrl.weights import NumpyState, load_numpy_state
+
+
+class RolloutWorker:
+    """Holds a copy of the sampler (and of the critic, for the env's terminal reward).
+
+    ``rollout(num_blocks, chains_per_block)`` runs ``num_blocks * chains_per_block`` chains in one
+    vectorised env on the worker's device and splits them into blocks of the current version.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        critic: nn.Module,
+        schedule: SamplingSchedule,
+        data_shape: tuple[int, ...],
+        *,
+        final_step_std: float,
+        reduction: Reduction,
+        device: str = "cpu",
+        seed: int = 0,
+        worker_id: str = "worker-0",
+    ):
+        self.device = torch.device(device)
+        self.policy = policy.to(self.device).eval()
+        self.critic = critic.to(self.device).eval()
+        self.tables = schedule.tables(self.device)
+        self.data_shape = tuple(data_shape)
+        self.final_step_std = final_step_std
+        self.reduction = reduction
+        self.worker_id = worker_id
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.policy_version = -1
+        self.critic_version = -1
+        self._block_counter = itertools.count()
+
+    def set_policy_weights(self, state: NumpyState, version: int) -> None:
+        """Load the sampler weights of ``version`` (a no-op when already at that version)."""
+        if version != self.policy_version:
+            load_numpy_state(self.policy, state)
+            self.policy_version = version
+
+    def set_critic_weights(self, state: NumpyState, version: int) -> None:
+        if version != self.critic_version:
+            load_numpy_state(self.critic, state)
+            self.critic_version = version
+
+    def _reward(self, x_0: torch.Tensor) -> torch.Tensor:
+        return self.critic(x_0)
+
+    def collect(
+        self,
+        policy_weights: tuple[int, NumpyState],
+        critic_weights: tuple[int, dict[str, NumpyState]],
+        block_ids: list[str],
+        chains_per_block: int,
+    ) -> TrajectoryBlock | tuple[TrajectoryBlock, ...]:
+        """Pull the given weights versions, roll out, and return one block per id.
+
+        One block comes back as itself and several as a tuple (Ray's ``num_returns`` convention,
+        so each block can become its own object-store entry).
+        """
+        self.set_policy_weights(policy_weights[1], policy_weights[0])
+        self.set_critic_weights(critic_weights[1]["critic"], critic_weights[0])
+        blocks = self.rollout(len(block_ids), chains_per_block, block_ids)
+        return blocks[0] if len(blocks) == 1 else tuple(blocks)
+
+    def get_state(self) -> dict:
+        return {"generator": self.generator.get_state(), "worker_id": self.worker_id}
+
+    def set_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    @torch.no_grad()
+    def rollout(
+        self, num_blocks: int, chains_per_block: int, block_ids: list[str] | None = None
+    ) -> list[TrajectoryBlock]:
+        """Run the chains; returns ``num_blocks`` blocks of ``chains_per_block`` chains each."""
+        if block_ids is not None and len(block_ids) != num_blocks:
+            raise ValueError(f"{len(block_ids)} block ids for {num_blocks} blocks")
+        if self.policy_version < 0:
+            raise RuntimeError(f"{self.worker_id}: no policy weights set before rollout")
+        num_chains = num_blocks * chains_per_block
+        env = DenoisingChainVectorEnv(
+            num_envs=num_chains,
+            num_steps=self.tables.num_steps,
+            data_shape=self.data_shape,
+            reward_fn=self._reward,
+            device=self.device,
+        )
+        x_start = torch.randn((num_chains, *self.data_shape), generator=self.generator, device=self.device)
+        obs, _ = env.reset(options={"x": x_start})
+        xs, log_probs, stds = [obs["x"]], [], []
+        terminated = torch.zeros(num_chains, dtype=torch.bool)
+        while not bool(terminated.all()):
+            out = denoise_step(
+                self.policy,
+                self.tables,
+                obs["x"],
+                obs["n"],
+                generator=self.generator,
+                final_step_std=self.final_step_std,
+                reduction=self.reduction,
+            )
+            obs, rewards, terminated, _, _ = env.step(out.x_prev)
+            xs.append(obs["x"])
+            log_probs.append(out.log_prob)
+            stds.append(out.std[0])
+        xs_np = torch.stack(xs).cpu().numpy()  # (S + 1, N, *D)
+        log_probs_np = torch.stack(log_probs).cpu().numpy()  # (S, N)
+        stds_np = torch.stack(stds).cpu().numpy()
+        rewards_np = rewards.cpu().numpy()
+        ns = np.arange(self.tables.num_steps, 0, -1)
+        blocks = []
+        for b in range(num_blocks):
+            chains = slice(b * chains_per_block, (b + 1) * chains_per_block)
+            blocks.append(
+                TrajectoryBlock(
+                    xs=xs_np[:, chains],
+                    log_probs=log_probs_np[:, chains],
+                    ns=ns,
+                    stds=stds_np,
+                    rewards=rewards_np[chains],
+                    version=self.policy_version,
+                    block_id=block_ids[b] if block_ids else f"{self.worker_id}/{next(self._block_counter)}",
+                )
+            )
+        return blocks

@@ -1,0 +1,150 @@
+"""``python -m sftrl.run CONFIG [key=value ...]``: pretrain (or load) the sampler, fine-tune it
+with Algorithm 1 on Ray (or in-process), evaluate, and write a run directory.
+
+Run directory: ``config.yaml`` (resolved), ``metrics.jsonl``, ``checkpoints/``, ``report.json``,
+``report.md``. User mistakes (config, paths, checkpoints) end with a one-line error and exit
+code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import sftrl
+from sftrl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from sftrl.config import Config, load
+from sftrl.configtools import ConfigError, dump_yaml
+from sftrl.data import fresh_data_fn, load_real_data
+from sftrl.pretraining import SamplerCheckpointError
+
+EXIT_USER_ERROR = 2
+
+
+class UsageError(Exception):
+    """A user mistake: reported in one line, exit code 2, nothing written."""
+
+
+def resolve_config_path(path: str) -> Path:
+    """``path`` as given, else relative to the installed package's ``configs/`` (for
+    ``ray job submit -- python -m sftrl.run configs/x.yaml`` from any working directory)."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    package_root = Path(sftrl.__file__).resolve().parent
+    for base in (package_root / "configs", package_root.parent / "configs"):
+        candidate = base / given.name
+        if candidate.is_file():
+            return candidate
+    raise UsageError(
+        f"config file '{path}' not found (looked in the working directory and in {package_root.parent / 'configs'})"
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sftrl.run",
+        description="Fine-tune a diffusion sampler with SFT-PG (Algorithm 1) and write a run directory.",
+    )
+    parser.add_argument("config", help="experiment YAML, e.g. configs/swissroll.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.iterations=200")
+    parser.add_argument("--run-dir", help="run directory (default: runs/<name>-<timestamp>/)")
+    parser.add_argument("--resume", help="'auto' (the run directory's latest checkpoint) or a checkpoint path")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
+    return parser.parse_args(argv)
+
+
+def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:
+    """Everything that can fail on user input, before anything is written."""
+    cfg = load(resolve_config_path(args.config), args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
+        f"{cfg.name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    )
+    resume_state = None
+    if args.resume:
+        path = latest_checkpoint(run_dir) if args.resume == "auto" else Path(args.resume)
+        if path is None:
+            raise UsageError(f"--resume auto: no checkpoint in '{run_dir / 'checkpoints'}' (give --run-dir of the run)")
+        resume_state = load_checkpoint(path)
+    elif (run_dir / "metrics.jsonl").exists():
+        raise UsageError(f"run directory '{run_dir}' already holds a run: pass --resume auto to continue it")
+    return cfg, run_dir, resume_state
+
+
+def build_initial_sampler(cfg: Config, data: np.ndarray, progress: bool):
+    from sftrl.components import InitState, resolve_device
+    from sftrl.models import build_networks
+    from sftrl.pretraining import load_or_pretrain
+    from sftrl.weights import to_numpy_state
+
+    sampler, _, _ = build_networks(cfg, tuple(data.shape[1:]))
+    info = load_or_pretrain(cfg, sampler, data, device=resolve_device(cfg), progress=progress)
+    return InitState(to_numpy_state(sampler.cpu()), tuple(data.shape[1:])), info
+
+
+def build_evaluator(cfg: Config, init):
+    from sftrl.components import schedule_of
+    from sftrl.evaluation import EvalSettings, ToyEvaluator
+    from sftrl.models import build_networks
+
+    if not cfg.is_toy:
+        return None
+    sampler, _, _ = build_networks(cfg, init.data_shape)
+    t = cfg.trainer
+    settings = EvalSettings(t.eval_samples, t.eval_draws, t.exact_w2_points, seed=cfg.seed + 12345)
+    return ToyEvaluator(sampler, schedule_of(cfg), fresh_data_fn(cfg), init.data_shape, settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg, run_dir, resume_state = prepare(args)
+        torch.set_num_threads(cfg.torch_threads)
+        data = load_real_data(cfg)
+        init, pretrain_info = build_initial_sampler(cfg, data, not args.no_progress)
+    except (ConfigError, UsageError, CheckpointError, SamplerCheckpointError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return train(cfg, run_dir, init, pretrain_info, data, resume_state, progress=not args.no_progress)
+
+
+def train(cfg: Config, run_dir: Path, init, pretrain_info: dict, data, resume_state, *, progress: bool) -> int:
+    from sftrl.report import write_report
+    from sftrl.trainer import Trainer, build_local_system
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, run_dir / "config.yaml", header="resolved sftrl config")
+    started_ray = False
+    if cfg.ray.backend == "ray":
+        from sftrl.distributed import build_ray_system, init_ray
+
+        started_ray = init_ray(cfg)
+        system = build_ray_system(cfg, init)
+    else:
+        system = build_local_system(cfg, init, data)
+    evaluator = build_evaluator(cfg, init)
+    trainer = Trainer(cfg, system, run_dir, evaluator.evaluate if evaluator else None, progress=progress)
+    start = time.monotonic()
+    try:
+        if resume_state is not None:
+            trainer.restore(resume_state)
+        trainer.fit()
+        write_report(run_dir, cfg, trainer, pretrain_info, time.monotonic() - start)
+    finally:
+        system.shutdown()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

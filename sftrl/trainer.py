@@ -1,0 +1,276 @@
+"""The driver: Algorithm 1 (SFT-PG) as a loop over component handles, with evaluation,
+metrics and checkpoints. The same loop runs local objects or Ray actors (``sftrl.handles``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sftrl.algos import ALGORITHMS
+from sftrl.buffer import BlockMeta
+from sftrl.checkpoint import save_checkpoint
+from sftrl.config import Config
+from sftrl.configtools import to_dict
+from sftrl.handles import Handle, LocalHandle
+from sftrl.optim import SKIPPED
+from sftrl.progress import Progress
+
+
+@dataclasses.dataclass
+class System:
+    """Handles to the components of one run, local or remote."""
+
+    workers: list[Handle]
+    buffer: Handle
+    learner: Handle
+    critic: Handle
+    backend: str
+    shutdown: Callable[[], None] = lambda: None
+
+
+def build_local_system(cfg: Config, init, real_data=None) -> System:
+    """Every component in this process (``ray.backend: local``): no Ray at all."""
+    from sftrl import components
+
+    return System(
+        workers=[
+            LocalHandle(components.make_rollout_worker(cfg, init, i), f"worker-{i}")
+            for i in range(cfg.rollout.num_workers)
+        ],
+        buffer=LocalHandle(components.make_replay_buffer(), "buffer"),
+        learner=LocalHandle(components.make_learner(cfg, init), "learner"),
+        critic=LocalHandle(components.make_critic_learner(cfg, init, real_data), "critic"),
+        backend="local",
+    )
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite updates in a row: the run stops with its last good checkpoint."""
+
+
+def mean_metrics(entries: list[dict[str, float]], prefix: str) -> dict[str, float]:
+    """Average each metric over a phase's steps, NaNs ignored; keys become ``prefix/name``."""
+    out: dict[str, float] = {}
+    for key in {k for e in entries for k in e}:
+        values = [e[key] for e in entries if key in e and not math.isnan(e[key])]
+        out[f"{prefix}/{key}"] = sum(values) / len(values) if values else float("nan")
+    return out
+
+
+class MetricsLog:
+    """Append-only JSONL: one object per line, each with an ``iteration`` field."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+class Trainer:
+    """Algorithm 1 over handles. ``fit()`` runs ``trainer.iterations`` iterations."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        system: System,
+        run_dir: Path,
+        evaluate: Callable[[Any], dict[str, float]] | None = None,
+        *,
+        progress: bool = True,
+    ):
+        self.cfg = cfg
+        self.system = system
+        self.run_dir = Path(run_dir)
+        self.evaluate_weights = evaluate
+        self.progress = progress
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.data_need = ALGORITHMS[cfg.algo.name].data
+        self.iteration = 0
+        self.counters = {"blocks": 0, "chains": 0, "transitions": 0, "nonfinite_total": 0, "nonfinite_streak": 0}
+        self.evaluations: list[dict[str, Any]] = []
+        self._critic_weights = system.critic.call("get_weights")
+        self._trainable_steps = None
+
+    # -- Algorithm 1, one iteration ------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        """One iteration: publish theta, critic phase, publish critic, generator phase, clear."""
+        start = time.perf_counter()
+        policy_weights = self.publish_weights()
+        blocks = self.collect_rollouts(policy_weights)
+        critic_metrics = self.update_critic(blocks)
+        critic_weights = self.publish_critic()
+        policy_metrics = self.update_policy(critic_weights)
+        self.clear_buffer()
+        self.iteration += 1
+        seconds = time.perf_counter() - start
+        chains = self.cfg.algo.n_critic * self.cfg.algo.batch_size
+        return {
+            **mean_metrics(critic_metrics, "critic"),
+            **mean_metrics(policy_metrics, "policy"),
+            "time/iteration_s": seconds,
+            "throughput/rollout_chains_per_s": chains / seconds,
+            "throughput/policy_transitions_per_s": len(policy_metrics) * self.cfg.algo.batch_size / seconds,
+        }
+
+    def publish_weights(self) -> Any:
+        """The learner's current theta as one object (one ``ray.put`` per version)."""
+        return self.system.learner.call("get_weights")
+
+    def collect_rollouts(self, policy_weights: Any) -> list[Any]:
+        """n_critic blocks of m chains, spread over the workers, added to the buffer."""
+        a = self.cfg.algo
+        ids = [f"it{self.iteration}/b{k}" for k in range(a.n_critic)]
+        workers = self.system.workers
+        assignment = [ids[w :: len(workers)] for w in range(len(workers))]
+        blocks: list[Any] = []
+        for worker, worker_ids in zip(workers, assignment):
+            if not worker_ids:
+                continue
+            out = worker.call("collect", policy_weights, self._critic_weights, worker_ids, a.batch_size, num_returns=len(worker_ids))
+            blocks.extend(out if len(worker_ids) > 1 else [out])
+        order = [i for worker_ids in assignment for i in worker_ids]
+        if self.data_need != "none":
+            metas = [self._meta(block_id) for block_id in order]
+            self.system.buffer.call("add_many", blocks, metas)
+        self.counters["blocks"] += len(blocks)
+        self.counters["chains"] += len(blocks) * a.batch_size
+        self.counters["transitions"] += len(blocks) * a.batch_size * len(self._steps())
+        return blocks
+
+    def update_critic(self, blocks: list[Any]) -> list[dict[str, float]]:
+        """One critic + baseline update per block (Eq. 23 or Eq. 22)."""
+        critic = self.system.critic
+        metrics = critic.resolve(critic.call("update_blocks", *blocks))
+        self._count_nonfinite(metrics)
+        return metrics
+
+    def publish_critic(self) -> Any:
+        self._critic_weights = self.system.critic.call("get_weights")
+        return self._critic_weights
+
+    def update_policy(self, critic_weights: Any) -> list[dict[str, float]]:
+        """n_generator policy steps with rewards relabelled by the just-published critic."""
+        a = self.cfg.algo
+        buffer = self.system.buffer
+        if self.data_need == "samples":
+            data = buffer.call("sample", a.n_generator, a.batch_size, self.cfg.seed * 1_000_003 + self.iteration)
+        elif self.data_need == "all":
+            data = buffer.call("all_transitions")
+        else:
+            data = None
+        learner = self.system.learner
+        metrics = learner.resolve(learner.call("update_policy", data, critic_weights))
+        self._count_nonfinite(metrics)
+        return metrics
+
+    def clear_buffer(self) -> None:
+        self.system.buffer.resolve(self.system.buffer.call("clear"))
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def _steps(self) -> tuple[int, ...]:
+        if self._trainable_steps is None:
+            from sftrl.components import schedule_of
+
+            schedule = schedule_of(self.cfg)
+            floor = self.cfg.diffusion.final_step_std
+            self._trainable_steps = tuple(k for k, s in enumerate(schedule.sigma) if s > 0 or floor > 0)
+        return self._trainable_steps
+
+    def _meta(self, block_id: str) -> BlockMeta:
+        # The version is the one just published: the learner bumps it once per iteration.
+        return BlockMeta(block_id, self.iteration, self.cfg.algo.batch_size, self._steps())
+
+    def _count_nonfinite(self, metrics: list[dict[str, float]]) -> None:
+        for m in metrics:
+            if m.get(SKIPPED, 0.0):
+                self.counters["nonfinite_total"] += 1
+                self.counters["nonfinite_streak"] += 1
+            else:
+                self.counters["nonfinite_streak"] = 0
+        limit = self.cfg.trainer.max_nonfinite_updates
+        if self.counters["nonfinite_streak"] >= limit:
+            raise NonFiniteError(
+                f"{self.counters['nonfinite_streak']} non-finite updates in a row (limit "
+                f"trainer.max_nonfinite_updates = {limit}); the last good checkpoint is kept. "
+                "Lower the learning rates or set algo.max_grad_norm."
+            )
+
+    def evaluate(self) -> dict[str, float]:
+        if self.evaluate_weights is None:
+            return {}
+        learner = self.system.learner
+        version, weights = learner.resolve(learner.call("get_weights"))
+        result = {"iteration": self.iteration, "policy_version": version, **self.evaluate_weights(weights)}
+        self.evaluations.append(result)
+        self.log.write({"iteration": self.iteration, **{f"eval/{k}": v for k, v in result.items() if k != "iteration"}})
+        return result
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to resume (loaded with weights_only=True)."""
+        s = self.system
+        learner_state = s.learner.call("state_dict")
+        critic_state = s.critic.call("state_dict")
+        worker_states = [w.call("get_state") for w in s.workers]
+        buffer_state = s.buffer.call("state")
+        return {
+            "iteration": self.iteration,
+            "config": to_dict(self.cfg),
+            "learner": s.learner.resolve(learner_state),
+            "critic": s.critic.resolve(critic_state),
+            "workers": [w.resolve(f) for w, f in zip(s.workers, worker_states)],
+            "buffer": s.buffer.resolve(buffer_state),
+            "counters": dict(self.counters),
+            "evaluations": json.dumps(self.evaluations),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        s = self.system
+        futures = [s.learner.call("load_state_dict", state["learner"]), s.critic.call("load_state_dict", state["critic"])]
+        for worker, worker_state in zip(s.workers, state["workers"]):
+            futures.append(worker.call("set_state", worker_state))
+        for handle, future in zip([s.learner, s.critic, *s.workers], futures):
+            handle.resolve(future)
+        self.iteration = int(state["iteration"])
+        self.counters.update(state["counters"])
+        self.evaluations = json.loads(state["evaluations"])
+        self._critic_weights = s.critic.call("get_weights")
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(self.run_dir, self.iteration, self.state(), self.cfg.trainer.keep_checkpoints)
+
+    def fit(self, *, on_iteration: Callable[[Trainer], None] | None = None) -> None:
+        """Run to ``trainer.iterations``, evaluating, logging and checkpointing on schedule."""
+        t = self.cfg.trainer
+        if self.iteration == 0 and not self.evaluations:
+            self.evaluate()
+        with Progress(t.iterations, "fine-tune", enabled=self.progress) as bar:
+            bar.update(self.iteration)
+            while self.iteration < t.iterations:
+                metrics = self.step()
+                if self.iteration % t.log_every == 0 or self.iteration == t.iterations:
+                    self.log.write({"iteration": self.iteration, **metrics, **{f"counters/{k}": v for k, v in self.counters.items()}})
+                postfix = {"ipm": metrics.get("critic/ipm_gap", float("nan"))}
+                if t.eval_every and self.iteration % t.eval_every == 0 and self.iteration < t.iterations:
+                    postfix["sw2"] = self.evaluate().get("sw2_mean", float("nan"))
+                if t.checkpoint_every and self.iteration % t.checkpoint_every == 0 and self.iteration < t.iterations:
+                    self.checkpoint()
+                bar.update(1, **postfix)
+                if on_iteration is not None:
+                    on_iteration(self)
+        if not self.evaluations or self.evaluations[-1]["iteration"] != self.iteration:
+            self.evaluate()
+        self.checkpoint()
