@@ -181,6 +181,8 @@ class ReplayBuffer:
         return self._gather(picks)
 
     def all_transitions(self) -> TransitionBatch:
+        if self.num_transitions == 0:
+            raise RuntimeError("the replay buffer is empty: no transitions to hand out")
         return self._gather(np.arange(self.num_transitions))
 
     def _gather(self, picks: np.ndarray) -> TransitionBatch:

@@ -62,7 +62,9 @@ def init_ray(cfg: Config) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        # "local" starts a fresh instance: a bare ray.init() would try to join whatever cluster
+        # /tmp/ray/ray_current_cluster names, even a dead one (minutes of GCS timeouts).
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
     return True
 
 

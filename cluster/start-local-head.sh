@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Start a local Ray head with the dashboard and job server bound to 127.0.0.1 only.
+#
+#   bash cluster/start-local-head.sh            # then: ray job submit --address http://127.0.0.1:8265 ...
+#   SFTRL_DASHBOARD_PORT=8266 bash cluster/start-local-head.sh --block   # extra args go to `ray start`
+#
+# Nothing listens beyond loopback. To reach the dashboard from another machine, forward the port
+# over SSH (`ssh -L 8265:127.0.0.1:8265 HOST`) rather than binding it to a public address: the
+# job server runs arbitrary code for whoever can reach it.
+set -euo pipefail
+export RAY_USAGE_STATS_ENABLED=0
+# Ray turns token auth on once ~/.ray/auth_token exists; every ray command (start, job submit,
+# stop) must then agree on RAY_AUTH_MODE. On loopback we default to disabled; export
+# RAY_AUTH_MODE=token for every command to keep tokens on.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+exec ray start --head \
+  --node-ip-address=127.0.0.1 \
+  --port="${SFTRL_GCS_PORT:-6379}" \
+  --dashboard-host=127.0.0.1 \
+  --dashboard-port="${SFTRL_DASHBOARD_PORT:-8265}" \
+  --include-dashboard=true \
+  "$@"

@@ -1,0 +1,178 @@
+"""The ``sftrl`` command: ``run | pretrain | sample | eval | schedule``.
+
+Every user mistake ends with a one-line ``error: ...`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from sftrl.diffusion.schedules import make_schedule
+
+    schedule = make_schedule(
+        args.name,
+        args.steps,
+        num_train_steps=args.T,
+        beta_schedule=args.beta_schedule,
+        kappa=args.kappa,
+        variance=args.variance,
+    )
+    if args.json:
+        print(json.dumps({"name": schedule.name, "steps": schedule.rows()}, indent=2))
+        return 0
+    cols = ("n", "tau", "gamma_bar", "gamma_bar_next", "sigma", "coef_x", "coef_eps")
+    print(f"{schedule.name}: S = {schedule.num_steps} steps of a T = {args.T} DDPM ({args.beta_schedule} betas)")
+    print("".join(f"{c:>16}" for c in cols))
+    for row in schedule.rows():
+        print("".join(f"{row[c]:>16d}" if c == "n" else f"{row[c]:>16.6g}" for c in cols))
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    import torch
+
+    from sftrl.config import load
+    from sftrl.data import load_real_data
+    from sftrl.models import build_networks
+    from sftrl.pretraining import load_or_pretrain, sampler_checkpoint, save_atomic
+    from sftrl.run import resolve_config_path
+
+    cfg = load(resolve_config_path(args.config), args.overrides)
+    torch.set_num_threads(cfg.torch_threads)
+    data = load_real_data(cfg)
+    sampler, _, _ = build_networks(cfg, tuple(data.shape[1:]))
+    info = load_or_pretrain(cfg, sampler, data, progress=not args.no_progress)
+    if args.out:
+        save_atomic(sampler_checkpoint(sampler, cfg, {"seconds": info["seconds"]}), Path(args.out))
+    print(json.dumps(info))
+    return 0
+
+
+def _load_run(run_dir: str, checkpoint: str | None):
+    """(cfg, sampler with the run's fine-tuned weights, data shape) of a run directory."""
+    import torch
+
+    from sftrl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+    from sftrl.config import load
+    from sftrl.models import build_networks
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise CheckpointError(f"'{run}' is not a run directory (no config.yaml)")
+    cfg = load(run / "config.yaml")
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(run)
+    if path is None:
+        raise CheckpointError(f"run directory '{run}' has no checkpoint yet")
+    state = load_checkpoint(path)
+    policy = state["learner"]["policy"]
+    data_shape = _data_shape(cfg, policy)
+    sampler, _, _ = build_networks(cfg, data_shape)
+    sampler.load_state_dict(policy)
+    torch.set_num_threads(cfg.torch_threads)
+    return cfg, sampler, data_shape
+
+
+def _data_shape(cfg, policy_state) -> tuple[int, ...]:
+    if cfg.model.sampler == "toy-mlp":
+        return (int(policy_state["out.weight"].shape[0]),)
+    from sftrl.data import load_real_data
+
+    return tuple(load_real_data(cfg).shape[1:])
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from sftrl.components import schedule_of
+    from sftrl.diffusion.step import sample
+
+    cfg, sampler, data_shape = _load_run(args.run_dir, args.checkpoint)
+    generator = torch.Generator().manual_seed(args.seed)
+    x = sample(sampler.eval(), schedule_of(cfg).tables(), args.n, data_shape, generator=generator).numpy()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, x=x)
+    print(f"wrote {len(x)} samples of shape {tuple(x.shape[1:])} to {out}", file=sys.stderr)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from sftrl.components import InitState
+    from sftrl.run import build_evaluator
+    from sftrl.weights import to_numpy_state
+
+    cfg, sampler, data_shape = _load_run(args.run_dir, args.checkpoint)
+    evaluator = build_evaluator(cfg, InitState(None, data_shape))
+    if evaluator is None:
+        raise ValueError(f"no evaluation metric is configured for data set {cfg.data.name!r}")
+    print(json.dumps(evaluator.evaluate(to_numpy_state(sampler)), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sftrl.diffusion.schedules import SCHEDULE_NAMES
+
+    parser = argparse.ArgumentParser(prog="sftrl", description="Shortcut fine-tuning of diffusion samplers (SFT-PG) on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,pretrain,sample,eval,schedule}")
+
+    run = sub.add_parser("run", help="fine-tune from a config (same as python -m sftrl.run)", add_help=False)
+    run.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG [key=value ...] [--run-dir DIR] [--resume auto|PATH]")
+
+    pre = sub.add_parser("pretrain", help="pretrain (or fetch from the cache) the config's initial DDPM sampler")
+    pre.add_argument("config", help="experiment YAML")
+    pre.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.epochs=100")
+    pre.add_argument("--out", help="also write the sampler checkpoint here (usable as model.checkpoint)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    samp = sub.add_parser("sample", help="draw samples from a run's fine-tuned sampler")
+    samp.add_argument("run_dir", help="a run directory written by sftrl run")
+    samp.add_argument("-n", type=int, default=10_000, help="number of samples (default 10000)")
+    samp.add_argument("--out", default="samples.npz", help="output .npz with array x of shape (N, *data_shape)")
+    samp.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
+    samp.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+    ev = sub.add_parser("eval", help="evaluate a run's checkpoint with the configured metric (SW2, exact W2)")
+    ev.add_argument("run_dir", help="a run directory written by sftrl run")
+    ev.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
+
+    sch = sub.add_parser("schedule", help="print a sampling schedule's table")
+    sch.add_argument("name", choices=SCHEDULE_NAMES, help="schedule name")
+    sch.add_argument("--steps", type=int, required=True, help="S, number of sampling steps")
+    sch.add_argument("--T", type=int, default=1000, help="T of the base DDPM (default 1000)")
+    sch.add_argument("--kappa", type=float, default=1.0, help="FastDPM noise scale (default 1.0)")
+    sch.add_argument("--beta-schedule", default="linear", choices=("linear", "sigmoid"), help="base betas (default linear)")
+    sch.add_argument("--variance", default="beta", choices=("beta", "posterior"), help="ddpm/strided variance (default beta)")
+    sch.add_argument("--json", action="store_true", help="print JSON: {name, steps: [{n, tau, gamma_bar, ...}]}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        from sftrl.run import main as run_main
+
+        return run_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    handlers = {"pretrain": _pretrain, "sample": _sample, "eval": _eval, "schedule": _schedule}
+    from sftrl.checkpoint import CheckpointError
+    from sftrl.configtools import ConfigError
+    from sftrl.pretraining import SamplerCheckpointError
+    from sftrl.run import UsageError
+
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, UsageError, CheckpointError, SamplerCheckpointError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""End to end through ``python -m sftrl.run`` in a subprocess (Ray started in-process)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    result = run_cli(
+        ["sftrl.run", "configs/smoke.yaml", f"pretrain.cache_dir={cache_dir}", "--run-dir", str(run_dir), "--no-progress"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_smoke_run_writes_a_complete_run_directory(smoke_run):
+    run_dir, _ = smoke_run
+    for name in ("config.yaml", "metrics.jsonl", "report.json", "report.md"):
+        assert (run_dir / name).is_file(), name
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    iterations = [line["iteration"] for line in lines]
+    assert iterations == sorted(iterations) and iterations[-1] == 20
+    train_lines = [line for line in lines if "critic/ipm_gap" in line]
+    assert [line["iteration"] for line in train_lines] == [5, 10, 15, 20]
+    # 20 iterations x n_critic 2 blocks x 64 chains, every one counted once
+    assert train_lines[-1]["counters/chains"] == 20 * 2 * 64
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["backend"] == "ray" and report["iterations"] == 20
+    rows = report["evaluations"]
+    assert [r["sampler"] for r in rows] == ["initial (pretrained)", "fine-tuned"]
+    assert rows[0]["sw2_floor_mean"] > 0 and rows[1]["sw2_mean"] > rows[1]["sw2_floor_mean"]
+    assert "| fine-tuned | 20 |" in (run_dir / "report.md").read_text()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter-0000020"
+
+
+def test_sample_command_writes_npz(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    out = tmp_path / "x.npz"
+    result = run_cli(["sftrl.cli", "sample", str(run_dir), "-n", "123", "--out", str(out)])
+    assert result.returncode == 0, result.stderr
+    x = np.load(out)["x"]
+    assert x.shape == (123, 2) and np.isfinite(x).all()
+    # the fine-tuned sampler puts its mass near the data (swiss roll spans about [-0.55, 0.7])
+    assert np.abs(x).max() < 3.0
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("algo.n_critc=2", "did you mean 'n_critic'"),
+        ("algo.n_critic=0", "'algo.n_critic' = 0 is invalid"),
+        ("algo.policy_lr=-1", "'algo.policy_lr'"),
+        ("diffusion.steps=50", "'diffusion.steps'"),
+        ("algo.name=reinforce", "valid: ppo, sft, sft-pg"),
+    ],
+)
+def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path, override, needle):
+    run_dir = tmp_path / "run"
+    result = run_cli(["sftrl.run", "configs/smoke.yaml", override, "--run-dir", str(run_dir)], timeout=60)
+    assert result.returncode == 2
+    assert needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not run_dir.exists()
+
+
+def test_missing_config_file_is_named(tmp_path):
+    result = run_cli(["sftrl.run", "configs/nope.yaml", "--run-dir", str(tmp_path / "r")], timeout=60)
+    assert result.returncode == 2 and "config file 'configs/nope.yaml' not found" in result.stderr
+
+
+def test_config_resolves_from_the_installed_package_outside_the_checkout(tmp_path):
+    import os
+
+    from sftrl.run import resolve_config_path
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert resolve_config_path("configs/smoke.yaml") == REPO / "configs" / "smoke.yaml"
+    finally:
+        os.chdir(cwd)
