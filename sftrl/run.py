@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", help="run directory (default: runs/<name>-<timestamp>/)")
     parser.add_argument("--resume", help="'auto' (the run directory's latest checkpoint) or a checkpoint path")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
-    return parser.parse_args(argv)
+    # Overrides may come before or after the options (`CONFIG --run-dir D key=value`).
+    return parser.parse_intermixed_args(argv)
 
 
 def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:

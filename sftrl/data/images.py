@@ -5,15 +5,15 @@ pixel ``v`` becomes ``v / 127.5 - 1``), the range the DDPM samplers, the critic 
 baseline work in. Nothing is downloaded: a missing or malformed path raises :class:`DataError`
 with a one-line message naming the path, what was expected there and where to get the files.
 
-==========  =====================================  =====================================
-name        files expected at ``data.path``        shape (native size)
-==========  =====================================  =====================================
-digits      none (ships with scikit-learn)         (1797, 1, 8, 8)
-mnist       ``train-images-idx3-ubyte[.gz]``       (60000, 1, 28, 28)
+==========  =======================================  =======================================
+name        files expected at ``data.path``          shape (native size)
+==========  =======================================  =======================================
+digits      none (ships with scikit-learn)           (1797, 1, 8, 8)
+mnist       ``train-images-idx3-ubyte[.gz]``         (60000, 1, 28, 28)
 cifar10     ``cifar-10-batches-py/data_batch_1..5``  (50000, 3, 32, 32)
-celeba      ``img_align_celeba/*.jpg`` (178x218)   (202599, 3, 64, 64) after the paper's crop
-folder      any ``*.png`` / ``*.jpg`` (recursive)  (N, C, image_size, image_size)
-==========  =====================================  =====================================
+celeba      ``img_align_celeba/*.jpg`` (178x218)     (202599, 3, 64, 64) after the paper's crop
+folder      any ``*.png`` / ``*.jpg`` (recursive)    (N, C, image_size, image_size)
+==========  =======================================  =======================================
 
 JPEG/PNG decoding uses Pillow (a dependency of matplotlib); the digits, MNIST and CIFAR-10
 loaders need no image library.
@@ -52,12 +52,13 @@ CELEBA_SIZE = (218, 178)  # (height, width) of every img_align_celeba JPEG
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
-MNIST_SOURCE = "http://yann.lecun.com/exdb/mnist/ (or any mirror of the four IDX files)"
-CIFAR10_SOURCE = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (extract it)"
+MNIST_SOURCE = "download it from http://yann.lecun.com/exdb/mnist/ (or any mirror of the IDX files)"
+CIFAR10_SOURCE = "download and extract https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CELEBA_SOURCE = (
-    "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html "
-    "(Align&Cropped Images, img_align_celeba.zip; extract it)"
+    "download and extract img_align_celeba.zip (Align&Cropped Images) from "
+    "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
 )
+FOLDER_SOURCE = "point data.path at a folder of your own images"
 
 IDX_UBYTE_3D_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (N, rows, cols)
 
@@ -66,9 +67,9 @@ class DataError(ValueError):
     """A dataset path is missing or its files are not what the loader expects."""
 
 
-def _data_error(path: Path | str, expected: str, source: str, problem: str = "") -> DataError:
-    lead = f"{problem} " if problem else ""
-    return DataError(f"{lead}{path}: expected {expected}; get it from {source}")
+def _data_error(path: Path | str, expected: str, source: str, problem: str) -> DataError:
+    """One line: ``<path>: <problem>; expected <what>; <where to get it>``."""
+    return DataError(f"{path}: {problem}; expected {expected}; {source}")
 
 
 def _uint8_to_unit(x: np.ndarray) -> np.ndarray:
@@ -85,8 +86,9 @@ def _resize(x: np.ndarray, image_size: int) -> np.ndarray:
         return x
     t = torch.from_numpy(x)
     antialias = image_size < max(x.shape[-2:])
-    out = F.interpolate(t, size=(image_size, image_size), mode="bilinear",
-                        align_corners=False, antialias=antialias)  # (N, C, s, s)
+    out = F.interpolate(
+        t, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=antialias
+    )  # (N, C, s, s)
     return out.clamp_(-1.0, 1.0).numpy().astype(np.float32, copy=False)
 
 
@@ -137,17 +139,19 @@ def _read_idx_images(file: Path) -> np.ndarray:
         with opener(file, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as err:
-        raise _data_error(file, expected, MNIST_SOURCE, f"cannot read ({err}):") from err
+        raise _data_error(file, expected, MNIST_SOURCE, f"cannot read ({err})") from err
     if len(raw) < 16:
-        raise _data_error(file, expected, MNIST_SOURCE, f"truncated header ({len(raw)} bytes):")
+        raise _data_error(file, expected, MNIST_SOURCE, f"truncated header ({len(raw)} bytes)")
     magic, n, rows, cols = (int(v) for v in np.frombuffer(raw[:16], dtype=">u4"))
     if magic != IDX_UBYTE_3D_MAGIC:
-        raise _data_error(file, expected, MNIST_SOURCE, f"wrong IDX magic {magic}:")
+        raise _data_error(file, expected, MNIST_SOURCE, f"wrong IDX magic {magic}")
     size = n * rows * cols
     if len(raw) - 16 != size:
         raise _data_error(
-            file, expected, MNIST_SOURCE,
-            f"truncated or oversized data ({len(raw) - 16} pixel bytes for {n}x{rows}x{cols}):",
+            file,
+            expected,
+            MNIST_SOURCE,
+            f"truncated or oversized data ({len(raw) - 16} pixel bytes for {n}x{rows}x{cols})",
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
 
@@ -168,14 +172,14 @@ def load_mnist(path: str | Path, split: Literal["train", "test"] = "train") -> n
     root = Path(path).expanduser()
     expected = f"a directory with {stem}-idx3-ubyte (or .gz)"
     if not root.is_dir():
-        raise _data_error(root, expected, MNIST_SOURCE, "MNIST directory not found:")
+        raise _data_error(root, expected, MNIST_SOURCE, "MNIST directory not found")
     names = [f"{stem}-idx3-ubyte", f"{stem}-idx3-ubyte.gz", f"{stem}.idx3-ubyte"]
     for folder in (root, root / "raw", root / "MNIST" / "raw"):
         for name in names:
             if (folder / name).is_file():
                 images = _read_idx_images(folder / name)  # (N, 28, 28) uint8
                 return _uint8_to_unit(images[:, None])
-    raise _data_error(root, expected, MNIST_SOURCE, "MNIST image file not found:")
+    raise _data_error(root, expected, MNIST_SOURCE, "MNIST image file not found")
 
 
 # -------------------------------------------------------------------------------- CIFAR-10
@@ -184,28 +188,32 @@ def load_mnist(path: str | Path, split: Literal["train", "test"] = "train") -> n
 def _cifar_dir(root: Path) -> Path:
     expected = "cifar-10-batches-py/ with data_batch_1..5 and test_batch (python pickles)"
     if not root.is_dir():
-        raise _data_error(root, expected, CIFAR10_SOURCE, "CIFAR-10 directory not found:")
+        raise _data_error(root, expected, CIFAR10_SOURCE, "CIFAR-10 directory not found")
     for folder in (root, root / "cifar-10-batches-py"):
         if (folder / "data_batch_1").is_file() or (folder / "test_batch").is_file():
             return folder
-    raise _data_error(root, expected, CIFAR10_SOURCE, "CIFAR-10 batches not found:")
+    raise _data_error(root, expected, CIFAR10_SOURCE, "CIFAR-10 batches not found")
 
 
 def _read_cifar_batch(file: Path) -> np.ndarray:
     """One CIFAR-10 python batch -> ``uint8`` ``(n, 3, 32, 32)``."""
     expected = "a CIFAR-10 python batch (a pickled dict with b'data': uint8 (n, 3072))"
     if not file.is_file():
-        raise _data_error(file, expected, CIFAR10_SOURCE, "CIFAR-10 batch missing:")
+        raise _data_error(file, expected, CIFAR10_SOURCE, "CIFAR-10 batch missing")
     try:
         with open(file, "rb") as f:
             batch = pickle.load(f, encoding="bytes")
     except Exception as err:  # unpickling raises many types on a corrupt file
-        raise _data_error(file, expected, CIFAR10_SOURCE, f"cannot unpickle ({err!r}):") from err
+        raise _data_error(file, expected, CIFAR10_SOURCE, f"cannot unpickle ({err!r})") from err
     data = batch.get(b"data") if isinstance(batch, dict) else None
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
-            and data.shape[1] == 3 * 32 * 32):
+    if not (
+        isinstance(data, np.ndarray)
+        and data.dtype == np.uint8
+        and data.ndim == 2
+        and data.shape[1] == 3 * 32 * 32
+    ):
         got = getattr(data, "shape", type(data).__name__)
-        raise _data_error(file, expected, CIFAR10_SOURCE, f"malformed batch (data: {got}):")
+        raise _data_error(file, expected, CIFAR10_SOURCE, f"malformed batch (data: {got})")
     return data.reshape(-1, 3, 32, 32)  # rows are channel-major: R plane, G plane, B plane
 
 
@@ -239,12 +247,13 @@ def load_cifar10(
 # ---------------------------------------------------------------------- CelebA and folders
 
 
-def _pil():
+def _pil(path: Path):
     try:
         from PIL import Image
     except ImportError as err:
         raise DataError(
-            "decoding JPEG/PNG images needs Pillow, which is not installed: pip install pillow"
+            f"{path}: decoding JPEG/PNG images needs Pillow, which is not installed; "
+            "pip install pillow"
         ) from err
     return Image
 
@@ -282,20 +291,24 @@ def load_celeba(path: str | Path, image_size: int = 64, limit: int | None = None
     root = Path(path).expanduser()
     expected = "the img_align_celeba directory of 178x218 *.jpg files"
     if not root.is_dir():
-        raise _data_error(root, expected, CELEBA_SOURCE, "CelebA directory not found:")
+        raise _data_error(root, expected, CELEBA_SOURCE, "CelebA directory not found")
     folder = root / "img_align_celeba" if (root / "img_align_celeba").is_dir() else root
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
-        raise _data_error(folder, expected, CELEBA_SOURCE, "no CelebA JPEGs found:")
+        raise _data_error(folder, expected, CELEBA_SOURCE, "no CelebA JPEGs found")
     files = files[:limit]
-    image_lib = _pil()
+    image_lib = _pil(folder)
     top, left, height, width = CELEBA_CROP
 
     def decode(file: Path) -> np.ndarray:
         img = _open_image(image_lib, file, expected, CELEBA_SOURCE)
         if (img.height, img.width) != CELEBA_SIZE:
-            raise _data_error(file, expected, CELEBA_SOURCE,
-                              f"not an aligned CelebA image ({img.width}x{img.height}):")
+            raise _data_error(
+                file,
+                expected,
+                CELEBA_SOURCE,
+                f"not an aligned CelebA image ({img.width}x{img.height})",
+            )
         img = img.convert("RGB").crop((left, top, left + width, top + height))
         img = img.resize((image_size, image_size), image_lib.BILINEAR)
         return _pil_to_array(img, 3)
@@ -308,7 +321,7 @@ def _open_image(image_lib, file: Path, expected: str, source: str):
         img = image_lib.open(file)
         img.load()
     except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-        raise _data_error(file, expected, source, f"cannot decode image ({err}):") from err
+        raise _data_error(file, expected, source, f"cannot decode image ({err})") from err
     return img
 
 
@@ -339,13 +352,13 @@ def load_image_folder(
     limit = _check_limit(limit)
     root = Path(path).expanduser()
     expected = f"a folder of image files ({', '.join(IMAGE_EXTENSIONS)})"
-    source = "your own images (any folder of pictures)"
+    source = FOLDER_SOURCE
     if not root.is_dir():
-        raise _data_error(root, expected, source, "image folder not found:")
+        raise _data_error(root, expected, source, "image folder not found")
     files = list(_image_files(root))[:limit]
     if not files:
-        raise _data_error(root, expected, source, "no image files found:")
-    image_lib = _pil()
+        raise _data_error(root, expected, source, "no image files found")
+    image_lib = _pil(root)
 
     def decode(file: Path) -> np.ndarray:
         img = _open_image(image_lib, file, expected, source)
@@ -380,9 +393,13 @@ def load_image_dataset(
     if name == "digits":
         return load_digits_images(image_size or 8)[:limit]
     if path is None:
-        where = {"mnist": MNIST_SOURCE, "cifar10": CIFAR10_SOURCE, "celeba": CELEBA_SOURCE,
-                 "folder": "your own images"}[name]
-        raise DataError(f"dataset {name!r} needs its files: set data.path; get them from {where}")
+        where = {
+            "mnist": MNIST_SOURCE,
+            "cifar10": CIFAR10_SOURCE,
+            "celeba": CELEBA_SOURCE,
+            "folder": FOLDER_SOURCE,
+        }[name]
+        raise DataError(f"dataset {name!r} needs its files: set data.path; {where}")
     if name == "mnist":
         x = load_mnist(path)[:limit]
     elif name == "cifar10":
@@ -391,6 +408,8 @@ def load_image_dataset(
         return load_celeba(path, image_size or 64, limit)
     else:
         if image_size is None:
-            raise ValueError("dataset 'folder' needs data.image_size (the side length to resize to)")
+            raise ValueError(
+                "dataset 'folder' needs data.image_size (the side length to resize to)"
+            )
         return load_image_folder(path, image_size, limit=limit)
     return x if image_size is None else _resize(x, image_size)

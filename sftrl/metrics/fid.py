@@ -71,14 +71,18 @@ DEFAULT_CACHE_DIR = Path("~/.cache/sftrl/extractors")
 DIGITS_EXTRACTOR_VERSION = "digits-cnn-v1"
 # The file torch-fidelity's FeatureExtractorInceptionV3 downloads into torch.hub's checkpoints/.
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_NAME = "inception-v3-compat (torch-fidelity FID Inception, pool3 2048-d: the standard FID)"
+INCEPTION_NAME = (
+    "inception-v3-compat (torch-fidelity FID Inception, pool3 2048-d: the standard FID)"
+)
 
 
 @runtime_checkable
 class FeatureExtractor(Protocol):
     """An ``nn.Module`` mapping images ``(B, C, H, W)`` in [-1, 1] to features ``(B, F)``.
 
-    ``name`` goes into every report; ``num_features`` is F.
+    ``name`` goes into every report; ``num_features`` is F. The extractors here also accept
+    ``uint8`` images 0..255 (what torchmetrics feeds a custom module with ``normalize=False``),
+    via :func:`to_unit_range`.
     """
 
     name: str
@@ -125,7 +129,9 @@ def default_inception_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
 
 
-def inception_extractor_if_available(weights_path: str | Path | None = None) -> InceptionExtractor | None:
+def inception_extractor_if_available(
+    weights_path: str | Path | None = None,
+) -> InceptionExtractor | None:
     """The standard FID Inception, or None when it cannot be built without a download.
 
     Returns None unless torch-fidelity is importable *and* the weights file exists
@@ -135,7 +141,11 @@ def inception_extractor_if_available(weights_path: str | Path | None = None) -> 
     """
     if importlib.util.find_spec("torch_fidelity") is None:
         return None
-    path = Path(weights_path).expanduser() if weights_path is not None else default_inception_weights_path()
+    path = (
+        Path(weights_path).expanduser()
+        if weights_path is not None
+        else default_inception_weights_path()
+    )
     if not path.is_file():
         return None
     from torchmetrics.image.fid import NoTrainInceptionV3
@@ -155,10 +165,10 @@ class DigitsTrainConfig:
 
     image_size: int = 8  # input side: the digits benchmark runs at 8 or 16
     seed: int = 0  # seeds the split, the initialisation and the shuffling
-    epochs: int = 30  # full passes over the training split (Adam reaches ~98% by then)
+    epochs: int = 30  # full passes over the training split (about 97-98% held out by then)
     batch_size: int = 64
-    lr: float = 1e-3  # Adam
-    width: int = 32  # channels of the first convolution (the others are 2x)
+    lr: float = 2e-3  # Adam, decayed to 0 by a cosine schedule
+    width: int = 16  # channels of the first convolution (then 2x and 4x)
     num_features: int = 64  # size of the penultimate layer = the feature
     test_fraction: float = 0.2  # stratified held-out split used for the reported accuracy
 
@@ -167,11 +177,12 @@ class DigitsFeatureExtractor(nn.Module):
     """A small CNN classifier for the digits; its penultimate layer is the feature.
 
     ``forward``: ``(B, 1, s, s)`` in [-1, 1] (or uint8) -> ``(B, num_features)`` (post-ReLU);
-    ``logits``: -> ``(B, 10)``. Layers: conv3x3(1->w), conv3x3(w->2w), maxpool 2, conv3x3(2w->2w),
-    adaptive average pool to 2x2, Linear(8w -> F) + ReLU (the feature), Linear(F -> 10).
+    ``logits``: -> ``(B, 10)``. Layers: conv3x3(1->w), conv3x3 stride 2 (w->2w), conv3x3 stride 2
+    (2w->4w), adaptive average pool to 2x2, Linear(16w -> F) + ReLU (the feature), Linear(F -> 10);
+    ReLU after every convolution.
     """
 
-    def __init__(self, image_size: int = 8, width: int = 32, num_features: int = 64):
+    def __init__(self, image_size: int = 8, width: int = 16, num_features: int = 64):
         super().__init__()
         self.image_size = int(image_size)
         self.num_features = int(num_features)
@@ -181,21 +192,28 @@ class DigitsFeatureExtractor(nn.Module):
         )
         self.heldout_accuracy = float("nan")  # set by training or by loading from the cache
         self.train_seconds = float("nan")
+        # shapes: (B, 1, s, s) -> (B, w, s, s) -> (B, 2w, s/2, s/2) -> (B, 4w, s/4, s/4)
+        # -> (B, 4w, 2, 2) -> (B, 16w) -> (B, F)
         self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
             nn.AdaptiveAvgPool2d(2),
             nn.Flatten(),
-            nn.Linear(8 * width, self.num_features), nn.ReLU(),
+            nn.Linear(16 * width, self.num_features),
+            nn.ReLU(),
         )
         self.classifier = nn.Linear(self.num_features, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expected = (1, self.image_size, self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"{DIGITS_EXTRACTOR_VERSION} expects (B, {expected}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{DIGITS_EXTRACTOR_VERSION} expects (B, {expected}), got {tuple(x.shape)}"
+            )
         return self.features(to_unit_range(x))  # (B, F)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,32 +237,56 @@ def _accuracy(model: DigitsFeatureExtractor, x: np.ndarray, y: np.ndarray) -> fl
     return float((pred == torch.from_numpy(y)).float().mean())
 
 
+def _random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image of ``(B, C, H, W)`` by up to ``max_shift`` pixels, filling with -1."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)  # background of the digits is -1
+    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
+    batch = torch.arange(b)[:, None, None]
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+
 def train_digits_extractor(cfg: DigitsTrainConfig = DigitsTrainConfig()) -> DigitsFeatureExtractor:
     """Train the digits CNN on a stratified split of sklearn's digits, deterministically on CPU.
 
-    Cross-entropy, Adam, ``cfg.epochs`` shuffled passes; the global torch RNG is left untouched.
-    The returned model has ``heldout_accuracy`` (on the ``cfg.test_fraction`` split) and
-    ``train_seconds`` set, and is in eval mode.
+    Cross-entropy, Adam with a cosine learning-rate decay, ``cfg.epochs`` shuffled passes, each
+    image shifted by up to ``image_size // 8`` pixels (one original digit pixel). Training runs
+    single-threaded, which is faster for a net this small and keeps the weights independent of
+    the machine's core count; the thread count and the global torch RNG are restored afterwards.
+    The returned model (eval mode) has ``heldout_accuracy`` (on the ``cfg.test_fraction`` split)
+    and ``train_seconds`` set.
     """
     x_train, x_test, y_train, y_test = _digits_split(cfg)
+    max_shift = max(1, cfg.image_size // 8)
+    threads = torch.get_num_threads()
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = DigitsFeatureExtractor(cfg.image_size, cfg.width, cfg.num_features)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    xs, ys = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    model.train()
-    for _ in range(cfg.epochs):
-        order = torch.randperm(len(xs), generator=generator)
-        for idx in order.split(cfg.batch_size):
-            loss = F.cross_entropy(model.logits(xs[idx]), ys[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    model.train_seconds = time.perf_counter() - start
-    model.heldout_accuracy = _accuracy(model, x_test, y_test)
+    try:
+        torch.set_num_threads(1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = DigitsFeatureExtractor(cfg.image_size, cfg.width, cfg.num_features)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        xs, ys = torch.from_numpy(x_train), torch.from_numpy(y_train)
+        batches = torch.arange(len(xs)).split(cfg.batch_size)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * len(batches))
+        model.train()
+        for _ in range(cfg.epochs):
+            for idx in torch.randperm(len(xs), generator=generator).split(cfg.batch_size):
+                x = _random_shift(xs[idx], max_shift, generator)  # (b, 1, s, s)
+                loss = F.cross_entropy(model.logits(x), ys[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        model.eval()
+        model.train_seconds = time.perf_counter() - start
+        model.heldout_accuracy = _accuracy(model, x_test, y_test)
+    finally:
+        torch.set_num_threads(threads)
     return model
 
 
@@ -258,7 +300,9 @@ def _load_cached(file: Path, key: dict, cfg: DigitsTrainConfig) -> DigitsFeature
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        warnings.warn(f"ignoring unreadable extractor cache {file} ({err}); retraining", stacklevel=3)
+        warnings.warn(
+            f"ignoring unreadable extractor cache {file} ({err}); retraining", stacklevel=3
+        )
         return None
     if not isinstance(payload, dict) or payload.get("key") != key:
         warnings.warn(f"extractor cache {file} does not match its key; retraining", stacklevel=3)
@@ -404,8 +448,10 @@ def fid_kid(
         # KID warns that it keeps all features in memory; here they are in memory already.
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         kid = KernelInceptionDistance(
-            feature=_PrecomputedFeatures(num_features), subsets=kid_subsets,
-            subset_size=subset_size, normalize=True,
+            feature=_PrecomputedFeatures(num_features),
+            subsets=kid_subsets,
+            subset_size=subset_size,
+            normalize=True,
         )
     for metric in (fid, kid):
         metric.update(real_f, real=True)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sftrl.models.toy import ConditionalLinear, _step_index
+from sftrl.models.toy import ConditionalLinear
 
 __all__ = ["ImageBaseline", "ImageCritic", "critic_feature_sizes"]
 
@@ -68,7 +68,10 @@ class ImageCritic(nn.Module):
         self.resolution = int(resolution)
         widths = (self.in_channels, *channels)
         self.down = nn.ModuleList(
-            [nn.Conv2d(a, b, kernel_size=4, stride=2, padding=1) for a, b in zip(widths[:-1], widths[1:])]
+            [
+                nn.Conv2d(a, b, kernel_size=4, stride=2, padding=1)
+                for a, b in zip(widths[:-1], widths[1:])
+            ]
         )
         self.final_kernel = min(FINAL_KERNEL, sizes[-1])
         self.out = nn.Conv2d(channels[-1], 1, kernel_size=self.final_kernel, stride=1, padding=0)
@@ -116,7 +119,9 @@ class ImageBaseline(nn.Module):
             raise ValueError(f"ImageBaseline expects (B, {self.data_shape}), got {tuple(x.shape)}")
         if n.shape != x.shape[:1]:
             raise ValueError(f"n must have shape ({x.shape[0]},), got {tuple(n.shape)}")
-        step = _step_index(n, self.num_steps + 1)  # (B,) long
+        # Not range-checked (a check would sync the GPU every call); nn.Embedding rejects an
+        # index outside 0..S itself.
+        step = torch.round(n).long()  # (B,)
         h = x.flatten(1)  # (B, C*H*W)
         for layer in self.layers:
             h = F.relu(layer(h, step))  # (B, width)
