@@ -106,7 +106,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from sftrl.components import InitState
-    from sftrl.run import build_evaluator
+    from sftrl.evaluation import build_evaluator
     from sftrl.weights import to_numpy_state
 
     cfg, sampler, data_shape = _load_run(args.run_dir, args.checkpoint)

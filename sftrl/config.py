@@ -29,6 +29,7 @@ class DataConfig:
     path: str | None = doc_field(None, "Image sets: where the files are (digits ships with scikit-learn).")
     image_size: int | None = doc_field(None, "Image sets: side length after cropping/resizing (null: the set's own).")
     seed: int = doc_field(0, "Seed of the training-set draw (toy sets).")
+    limit: int | None = doc_field(None, "Image sets: use only the first N images (quick runs and tests).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,17 @@ class ModelConfig:
     sampler: Literal["toy-mlp", "unet"] = doc_field("toy-mlp", "The eps-prediction network.")
     hidden: int = doc_field(128, "Toy sampler: hidden width of the 4-layer MLP.")
     critic_hidden: tuple[int, ...] = doc_field((256, 256), "Toy critic: hidden widths (paper 128, code 256).")
-    baseline_hidden: tuple[int, ...] = doc_field((256, 256), "Toy baseline: hidden widths.")
+    baseline_hidden: tuple[int, ...] = doc_field(
+        (256, 256), "Baseline hidden widths (toy: (256, 256); images, the paper: (1024, 1024, 256))."
+    )
+    critic_channels: tuple[int, ...] = doc_field(
+        (256, 512, 1024), "Image critic: channels of its three stride-2 convs (paper 256-512-1024; code 128-256-512)."
+    )
+    unet_ch: int = doc_field(128, "U-Net base channels (the DDPM CIFAR-10/CelebA models: 128).")
+    unet_ch_mult: tuple[int, ...] = doc_field((1, 2, 2, 2), "U-Net channel multipliers per resolution (CelebA: 1,2,2,2,4).")
+    unet_num_res_blocks: int = doc_field(2, "U-Net residual blocks per resolution.")
+    unet_attn_resolutions: tuple[int, ...] = doc_field((16,), "U-Net resolutions with self-attention.")
+    unet_dropout: float = doc_field(0.1, "U-Net dropout (pretraining only; fine-tuning runs the network in eval mode).")
     checkpoint: str | None = doc_field(
         None, "Pretrained sampler checkpoint; null: pretrain one and cache it (keyed by the pretraining config)."
     )

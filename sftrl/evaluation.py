@@ -68,3 +68,17 @@ class ToyEvaluator:
             real = self.data_fn(s.exact_w2_points, s.seed + 104729)
             out["exact_w2"] = exact_w2(fake, real, max_points=s.exact_w2_points, seed=s.seed)
         return out
+
+
+def build_evaluator(cfg, init):
+    """The evaluator for ``cfg``'s data (None where no metric is configured)."""
+    from sftrl.components import schedule_of
+    from sftrl.data import fresh_data_fn
+    from sftrl.models import build_networks
+
+    if not cfg.is_toy:
+        return None
+    sampler, _, _ = build_networks(cfg, init.data_shape)
+    t = cfg.trainer
+    settings = EvalSettings(t.eval_samples, t.eval_draws, t.exact_w2_points, seed=cfg.seed + 12345)
+    return ToyEvaluator(sampler, schedule_of(cfg), fresh_data_fn(cfg), init.data_shape, settings)

@@ -43,7 +43,9 @@ class Learner:
         seed: int = 0,
     ):
         self.device = torch.device(device)
-        self.policy = policy.to(self.device).train()
+        # Eval mode: dropout would make the re-scored log-prob differ from the rollout's (the
+        # ratio must be exactly 1 before an update); gradients flow all the same.
+        self.policy = policy.to(self.device).eval()
         self.algorithm = algorithm
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr)
         self.ctx = PolicyContext(

@@ -6,13 +6,13 @@ import itertools
 
 import numpy as np
 import torch
-from sftrl_envs.denoising import DenoisingChainVectorEnv
 from torch import nn
 
 from sftrl.buffer import TrajectoryBlock
 from sftrl.diffusion.schedules import SamplingSchedule
 from sftrl.diffusion.step import Reduction, denoise_step
 from sftrl.weights import NumpyState, load_numpy_state
+from sftrl_envs.denoising import DenoisingChainVectorEnv
 
 
 class RolloutWorker:

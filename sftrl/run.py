@@ -21,7 +21,7 @@ import sftrl
 from sftrl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from sftrl.config import Config, load
 from sftrl.configtools import ConfigError, dump_yaml
-from sftrl.data import fresh_data_fn, load_real_data
+from sftrl.data import load_real_data
 from sftrl.pretraining import SamplerCheckpointError
 
 EXIT_USER_ERROR = 2
@@ -89,19 +89,6 @@ def build_initial_sampler(cfg: Config, data: np.ndarray, progress: bool):
     return InitState(to_numpy_state(sampler.cpu()), tuple(data.shape[1:])), info
 
 
-def build_evaluator(cfg: Config, init):
-    from sftrl.components import schedule_of
-    from sftrl.evaluation import EvalSettings, ToyEvaluator
-    from sftrl.models import build_networks
-
-    if not cfg.is_toy:
-        return None
-    sampler, _, _ = build_networks(cfg, init.data_shape)
-    t = cfg.trainer
-    settings = EvalSettings(t.eval_samples, t.eval_draws, t.exact_w2_points, seed=cfg.seed + 12345)
-    return ToyEvaluator(sampler, schedule_of(cfg), fresh_data_fn(cfg), init.data_shape, settings)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -116,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(cfg: Config, run_dir: Path, init, pretrain_info: dict, data, resume_state, *, progress: bool) -> int:
+    from sftrl.evaluation import build_evaluator
     from sftrl.report import write_report
     from sftrl.trainer import Trainer, build_local_system
 

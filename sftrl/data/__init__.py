@@ -13,7 +13,7 @@ def load_real_data(cfg) -> np.ndarray:
         return make_toy(cfg.data.name, cfg.data.num_train, seed=cfg.data.seed)
     from sftrl.data.images import load_image_dataset
 
-    return load_image_dataset(cfg.data.name, cfg.data.path, image_size=cfg.data.image_size)
+    return load_image_dataset(cfg.data.name, cfg.data.path, image_size=cfg.data.image_size, limit=cfg.data.limit)
 
 
 def fresh_data_fn(cfg):
