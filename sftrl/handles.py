@@ -12,6 +12,14 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 
+class ComponentLost(RuntimeError):
+    """A remote component died (its process or node went away) while a call was pending."""
+
+    def __init__(self, name: str, detail: str):
+        super().__init__(f"{name} was lost: {detail}")
+        self.name = name
+
+
 class Handle(Protocol):
     name: str
 

@@ -68,16 +68,24 @@ class RolloutWorker:
         critic_weights: tuple[int, dict[str, NumpyState]],
         block_ids: list[str],
         chains_per_block: int,
-    ) -> TrajectoryBlock | tuple[TrajectoryBlock, ...]:
-        """Pull the given weights versions, roll out, and return one block per id.
+    ) -> tuple:
+        """Pull the given weights versions, roll out, and return ``(*blocks, summary)``.
 
-        One block comes back as itself and several as a tuple (Ray's ``num_returns`` convention,
-        so each block can become its own object-store entry).
+        One return value per block (with Ray's ``num_returns = len(block_ids) + 1`` each block is
+        its own object-store entry) and a small summary last, which the driver fetches to learn
+        that the blocks exist without fetching the blocks.
         """
         self.set_policy_weights(policy_weights[1], policy_weights[0])
         self.set_critic_weights(critic_weights[1]["critic"], critic_weights[0])
         blocks = self.rollout(len(block_ids), chains_per_block, block_ids)
-        return blocks[0] if len(blocks) == 1 else tuple(blocks)
+        rewards = np.concatenate([b.rewards for b in blocks])
+        summary = {
+            "worker_id": self.worker_id,
+            "block_ids": [b.block_id for b in blocks],
+            "policy_version": self.policy_version,
+            "reward_mean": float(rewards.mean()),
+        }
+        return (*blocks, summary)
 
     def get_state(self) -> dict:
         return {"generator": self.generator.get_state(), "worker_id": self.worker_id}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import signal
 import sys
 import time
 from pathlib import Path
@@ -102,31 +103,74 @@ def main(argv: list[str] | None = None) -> int:
     return train(cfg, run_dir, init, pretrain_info, data, resume_state, progress=not args.no_progress)
 
 
+class StopOnSignal:
+    """SIGINT/SIGTERM: the first asks the trainer to checkpoint after the current iteration and
+    stop; a second exits at once (through ``finally`` blocks, so Ray is still shut down)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping now")
+        self.signum = signum
+        self.trainer.stop_requested = True
+        print(
+            f"\n{signal.Signals(signum).name}: checkpointing after this iteration, then stopping "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def train(cfg: Config, run_dir: Path, init, pretrain_info: dict, data, resume_state, *, progress: bool) -> int:
+    """Fine-tune and report. Returns 0, 128 + signal when stopped by a signal, 1 on a fatal fault."""
     from sftrl.evaluation import build_evaluator
+    from sftrl.handles import ComponentLost
     from sftrl.report import write_report
-    from sftrl.trainer import Trainer, build_local_system
+    from sftrl.trainer import NonFiniteError, RolloutError, Trainer, build_local_system
 
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, run_dir / "config.yaml", header="resolved sftrl config")
     started_ray = False
-    if cfg.ray.backend == "ray":
-        from sftrl.distributed import build_ray_system, init_ray
-
-        started_ray = init_ray(cfg)
-        system = build_ray_system(cfg, init)
-    else:
-        system = build_local_system(cfg, init, data)
-    evaluator = build_evaluator(cfg, init)
-    trainer = Trainer(cfg, system, run_dir, evaluator.evaluate if evaluator else None, progress=progress)
-    start = time.monotonic()
+    system = None
     try:
-        if resume_state is not None:
-            trainer.restore(resume_state)
-        trainer.fit()
+        if cfg.ray.backend == "ray":
+            from sftrl.distributed import build_ray_system, init_ray
+
+            started_ray = init_ray(cfg)
+            system = build_ray_system(cfg, init)
+        else:
+            system = build_local_system(cfg, init, data)
+        evaluator = build_evaluator(cfg, init)
+        trainer = Trainer(cfg, system, run_dir, evaluator.evaluate if evaluator else None, progress=progress)
+        start = time.monotonic()
+        with StopOnSignal(trainer) as stop:
+            if resume_state is not None:
+                trainer.restore(resume_state)
+            trainer.fit()
         write_report(run_dir, cfg, trainer, pretrain_info, time.monotonic() - start)
+        if stop.signum is not None:
+            print(f"stopped at iteration {trainer.iteration}; continue with --run-dir {run_dir} --resume auto", file=sys.stderr)
+            return 128 + stop.signum
+    except (NonFiniteError, ComponentLost, RolloutError) as err:
+        last = latest_checkpoint(run_dir)
+        print(f"error: {err}; last checkpoint: {last or 'none'} (resume with --run-dir {run_dir} --resume auto)", file=sys.stderr)
+        return 1
     finally:
-        system.shutdown()
+        if system is not None:
+            system.shutdown()
         if started_ray:
             import ray
 

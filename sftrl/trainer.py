@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from sftrl.buffer import BlockMeta
 from sftrl.checkpoint import save_checkpoint
 from sftrl.config import Config
 from sftrl.configtools import to_dict
-from sftrl.handles import Handle, LocalHandle
+from sftrl.handles import ComponentLost, Handle, LocalHandle
 from sftrl.optim import SKIPPED
 from sftrl.progress import Progress
 
@@ -49,6 +50,10 @@ def build_local_system(cfg: Config, init, real_data=None) -> System:
     )
 
 
+class RolloutError(RuntimeError):
+    """Rollouts failed on every retry."""
+
+
 class NonFiniteError(RuntimeError):
     """Too many non-finite updates in a row: the run stops with its last good checkpoint."""
 
@@ -71,6 +76,17 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def truncate_after(self, iteration: int) -> int:
+        """Drop lines past ``iteration`` (written after the checkpoint a run resumes from), so a
+        resumed run appends without repeating an iteration. Returns how many lines were dropped."""
+        records = self.read()
+        keep = [r for r in records if r.get("iteration", 0) <= iteration]
+        if len(keep) != len(records):
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in keep))
+            os.replace(tmp, self.path)
+        return len(records) - len(keep)
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
@@ -98,7 +114,17 @@ class Trainer:
         self.log = MetricsLog(self.run_dir / "metrics.jsonl")
         self.data_need = ALGORITHMS[cfg.algo.name].data
         self.iteration = 0
-        self.counters = {"blocks": 0, "chains": 0, "transitions": 0, "nonfinite_total": 0, "nonfinite_streak": 0}
+        self.counters = {
+            "blocks": 0,
+            "chains": 0,
+            "transitions": 0,
+            "nonfinite_total": 0,
+            "nonfinite_streak": 0,
+            "worker_failures": 0,
+        }
+        self.events: list[dict[str, Any]] = []
+        self.stop_requested = False
+        self._rollout_reward = float("nan")
         self.evaluations: list[dict[str, Any]] = []
         self._critic_weights = system.critic.call("get_weights")
         self._trainable_steps = None
@@ -120,6 +146,7 @@ class Trainer:
         return {
             **mean_metrics(critic_metrics, "critic"),
             **mean_metrics(policy_metrics, "policy"),
+            "rollout/reward_mean": self._rollout_reward,
             "time/iteration_s": seconds,
             "throughput/rollout_chains_per_s": chains / seconds,
             "throughput/policy_transitions_per_s": len(policy_metrics) * self.cfg.algo.batch_size / seconds,
@@ -130,25 +157,52 @@ class Trainer:
         return self.system.learner.call("get_weights")
 
     def collect_rollouts(self, policy_weights: Any) -> list[Any]:
-        """n_critic blocks of m chains, spread over the workers, added to the buffer."""
+        """n_critic blocks of m chains, spread over the workers, added to the buffer.
+
+        A worker lost mid-call (Ray restarts it, up to ``rollout.max_restarts``) has its block
+        ids handed out again; block ids are fixed per iteration, so a block is never counted twice
+        and never silently dropped. The healthy workers' blocks are kept.
+        """
         a = self.cfg.algo
         ids = [f"it{self.iteration}/b{k}" for k in range(a.n_critic)]
         workers = self.system.workers
-        assignment = [ids[w :: len(workers)] for w in range(len(workers))]
-        blocks: list[Any] = []
-        for worker, worker_ids in zip(workers, assignment):
-            if not worker_ids:
-                continue
-            out = worker.call("collect", policy_weights, self._critic_weights, worker_ids, a.batch_size, num_returns=len(worker_ids))
-            blocks.extend(out if len(worker_ids) > 1 else [out])
-        order = [i for worker_ids in assignment for i in worker_ids]
+        blocks: dict[str, Any] = {}
+        summaries: list[dict] = []
+        pending = ids
+        for _attempt in range(self.cfg.rollout.max_restarts + 1):
+            assignment = [(w, pending[i :: len(workers)]) for i, w in enumerate(workers)]
+            calls = [
+                (w, worker_ids, w.call("collect", policy_weights, self._critic_weights, worker_ids, a.batch_size,
+                                       num_returns=len(worker_ids) + 1))
+                for w, worker_ids in assignment
+                if worker_ids
+            ]
+            failed: list[str] = []
+            for worker, worker_ids, out in calls:
+                try:
+                    summaries.append(worker.resolve(out[-1]))
+                except ComponentLost as err:
+                    self.counters["worker_failures"] += 1
+                    self.events.append({"iteration": self.iteration, "event": "worker_lost", "detail": str(err)})
+                    failed.extend(worker_ids)
+                    continue
+                blocks.update(zip(worker_ids, out[:-1]))
+            if not failed:
+                break
+            pending = failed
+        else:
+            raise RolloutError(
+                f"rollout blocks {pending} failed {self.cfg.rollout.max_restarts + 1} times "
+                "(rollout.max_restarts); the workers keep dying"
+            )
+        ordered = [blocks[i] for i in ids]
         if self.data_need != "none":
-            metas = [self._meta(block_id) for block_id in order]
-            self.system.buffer.call("add_many", blocks, metas)
-        self.counters["blocks"] += len(blocks)
-        self.counters["chains"] += len(blocks) * a.batch_size
-        self.counters["transitions"] += len(blocks) * a.batch_size * len(self._steps())
-        return blocks
+            self.system.buffer.call("add_many", ordered, [self._meta(block_id) for block_id in ids])
+        self.counters["blocks"] += len(ordered)
+        self.counters["chains"] += len(ordered) * a.batch_size
+        self.counters["transitions"] += len(ordered) * a.batch_size * len(self._steps())
+        self._rollout_reward = sum(s["reward_mean"] for s in summaries) / len(summaries)
+        return ordered
 
     def update_critic(self, blocks: list[Any]) -> list[dict[str, float]]:
         """One critic + baseline update per block (Eq. 23 or Eq. 22)."""
@@ -235,6 +289,7 @@ class Trainer:
             "buffer": s.buffer.resolve(buffer_state),
             "counters": dict(self.counters),
             "evaluations": json.dumps(self.evaluations),
+            "events": json.dumps(self.events),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -247,7 +302,9 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.counters.update(state["counters"])
         self.evaluations = json.loads(state["evaluations"])
+        self.events = json.loads(state.get("events", "[]"))
         self._critic_weights = s.critic.call("get_weights")
+        self.log.truncate_after(self.iteration)
 
     def checkpoint(self) -> Path:
         return save_checkpoint(self.run_dir, self.iteration, self.state(), self.cfg.trainer.keep_checkpoints)
@@ -271,6 +328,11 @@ class Trainer:
                 bar.update(1, **postfix)
                 if on_iteration is not None:
                     on_iteration(self)
+                if self.stop_requested:
+                    break
+        if self.stop_requested:  # a signal: keep the state, skip the final evaluation
+            self.checkpoint()
+            return
         if not self.evaluations or self.evaluations[-1]["iteration"] != self.iteration:
             self.evaluate()
         self.checkpoint()

@@ -11,6 +11,7 @@ import ray
 from sftrl import components
 from sftrl.buffer import ReplayBuffer
 from sftrl.config import Config
+from sftrl.handles import ComponentLost
 from sftrl.trainer import System
 
 
@@ -44,7 +45,10 @@ class RayHandle:
         return remote.remote(method, *args)
 
     def resolve(self, futures: Any) -> Any:
-        return ray.get(futures)
+        try:
+            return ray.get(futures)
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as err:
+            raise ComponentLost(self.name, str(err).splitlines()[0]) from err
 
     def node_id(self) -> str:
         return ray.get(self.actor.node_id.remote())
