@@ -106,7 +106,7 @@ class AlgoConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
-    iterations: int = doc_field(3000, "Iterations of Algorithm 1 (critic phase + generator phase).")
+    iterations: int = doc_field(4000, "Iterations of Algorithm 1 (critic phase + generator phase).")
     eval_every: int = doc_field(500, "Evaluate every this many iterations (0: only at the start and the end).")
     eval_samples: int = doc_field(10_000, "Samples per evaluation draw (Table 1: 10K).")
     eval_draws: int = doc_field(5, "Independent draws per evaluation; SW2 is reported as mean and spread.")
@@ -205,6 +205,9 @@ class Config:
         if self.is_toy:
             need(self.model.sampler == "toy-mlp", "model.sampler", self.model.sampler,
                  f"the 2-D toy set {self.data.name!r} uses 'toy-mlp'")
+        else:
+            need(self.model.sampler == "unet", "model.sampler", self.model.sampler,
+                 f"the image set {self.data.name!r} uses 'unet'")
         return self
 
 
