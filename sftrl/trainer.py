@@ -119,7 +119,8 @@ class Trainer:
             "chains": 0,
             "transitions": 0,
             "nonfinite_total": 0,
-            "nonfinite_streak": 0,
+            "nonfinite_streak_critic": 0,
+            "nonfinite_streak_policy": 0,
             "worker_failures": 0,
         }
         self.events: list[dict[str, Any]] = []
@@ -171,6 +172,7 @@ class Trainer:
         pending = ids
         for _attempt in range(self.cfg.rollout.max_restarts + 1):
             assignment = [(w, pending[i :: len(workers)]) for i, w in enumerate(workers)]
+            # On a retry the workers that just delivered come first; a restarting one last.
             calls = [
                 (w, worker_ids, w.call("collect", policy_weights, self._critic_weights, worker_ids, a.batch_size,
                                        num_returns=len(worker_ids) + 1))
@@ -182,6 +184,10 @@ class Trainer:
                 try:
                     summaries.append(worker.resolve(out[-1]))
                 except ComponentLost as err:
+                    # A dead learner or critic fails every call that takes its weights: blame it,
+                    # not the worker (these raise ComponentLost naming the learner or the critic).
+                    self.system.learner.resolve(policy_weights)
+                    self.system.critic.resolve(self._critic_weights)
                     self.counters["worker_failures"] += 1
                     self.events.append({"iteration": self.iteration, "event": "worker_lost", "detail": str(err)})
                     failed.extend(worker_ids)
@@ -190,6 +196,8 @@ class Trainer:
             if not failed:
                 break
             pending = failed
+            lost = {id(worker) for worker, worker_ids, _ in calls if worker_ids[0] in failed}
+            workers = [w for w in workers if id(w) not in lost] + [w for w in workers if id(w) in lost]
         else:
             raise RolloutError(
                 f"rollout blocks {pending} failed {self.cfg.rollout.max_restarts + 1} times "
@@ -208,7 +216,7 @@ class Trainer:
         """One critic + baseline update per block (Eq. 23 or Eq. 22)."""
         critic = self.system.critic
         metrics = critic.resolve(critic.call("update_blocks", *blocks))
-        self._count_nonfinite(metrics)
+        self._count_nonfinite(metrics, "critic")
         return metrics
 
     def publish_critic(self) -> Any:
@@ -227,7 +235,7 @@ class Trainer:
             data = None
         learner = self.system.learner
         metrics = learner.resolve(learner.call("update_policy", data, critic_weights))
-        self._count_nonfinite(metrics)
+        self._count_nonfinite(metrics, "policy")
         return metrics
 
     def clear_buffer(self) -> None:
@@ -248,19 +256,21 @@ class Trainer:
         # The version is the one just published: the learner bumps it once per iteration.
         return BlockMeta(block_id, self.iteration, self.cfg.algo.batch_size, self._steps())
 
-    def _count_nonfinite(self, metrics: list[dict[str, float]]) -> None:
+    def _count_nonfinite(self, metrics: list[dict[str, float]], component: str) -> None:
+        """Count skipped (non-finite) updates; K in a row for one component stops the run."""
+        key = f"nonfinite_streak_{component}"
         for m in metrics:
             if m.get(SKIPPED, 0.0):
                 self.counters["nonfinite_total"] += 1
-                self.counters["nonfinite_streak"] += 1
+                self.counters[key] = self.counters.get(key, 0) + 1
             else:
-                self.counters["nonfinite_streak"] = 0
+                self.counters[key] = 0
         limit = self.cfg.trainer.max_nonfinite_updates
-        if self.counters["nonfinite_streak"] >= limit:
+        if self.counters[key] >= limit:
             raise NonFiniteError(
-                f"{self.counters['nonfinite_streak']} non-finite updates in a row (limit "
+                f"{self.counters[key]} non-finite {component} updates in a row (limit "
                 f"trainer.max_nonfinite_updates = {limit}); the last good checkpoint is kept. "
-                "Lower the learning rates or set algo.max_grad_norm."
+                "Lower the learning rates, set algo.max_grad_norm, or check the data for NaNs."
             )
 
     def evaluate(self) -> dict[str, float]:

@@ -1,0 +1,192 @@
+"""Faults and bad input: resume, lost workers, lost learner, non-finite updates, user mistakes.
+
+Each fault class here is injected for real (a killed Ray actor, NaN data, a corrupt file) and the
+test checks what was kept: counters, checkpoints, the run directory (or its absence).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from conftest import REPO, run_cli
+from sftrl.checkpoint import latest_checkpoint, load_checkpoint
+from sftrl.components import InitState
+from sftrl.config import load
+from sftrl.data import load_real_data
+from sftrl.distributed import build_ray_system
+from sftrl.handles import ComponentLost
+from sftrl.models import build_networks
+from sftrl.run import main as run_main
+from sftrl.trainer import NonFiniteError, Trainer, build_local_system
+from sftrl.weights import to_numpy_state
+
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def _init(cfg):
+    data = load_real_data(cfg)
+    sampler, _, _ = build_networks(cfg, data.shape[1:])
+    return InitState(to_numpy_state(sampler), tuple(data.shape[1:])), data
+
+
+def _training_lines(run_dir: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    volatile = ("time/", "throughput/")
+    return [
+        {k: v for k, v in line.items() if not k.startswith(volatile)}
+        for line in lines
+        if "critic/ipm_gap" in line
+    ]
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, cache_dir):
+    """Sync algorithm on CPU: 6 iterations straight == 3, stop, resume to 6 (bit for bit)."""
+    common = ["ray.backend=local", f"pretrain.cache_dir={cache_dir}", "trainer.log_every=1",
+              "trainer.checkpoint_every=0", "trainer.eval_every=0", "--no-progress"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_main([str(SMOKE), "trainer.iterations=6", "--run-dir", str(straight), *common]) == 0
+    assert run_main([str(SMOKE), "trainer.iterations=3", "--run-dir", str(split), *common]) == 0
+    assert run_main([str(SMOKE), "trainer.iterations=6", "--run-dir", str(split), "--resume", "auto", *common]) == 0
+    a, b = _training_lines(straight), _training_lines(split)
+    assert [line["iteration"] for line in b] == [1, 2, 3, 4, 5, 6]
+    assert a == b
+    state = load_checkpoint(latest_checkpoint(split))
+    assert state["iteration"] == 6 and state["counters"]["blocks"] == 6 * 2
+
+
+def test_resume_of_a_run_directory_without_checkpoint_is_a_user_error(tmp_path, capsys):
+    code = run_main([str(SMOKE), "--run-dir", str(tmp_path / "empty"), "--resume", "auto"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint" in err[0]
+    assert not (tmp_path / "empty").exists()
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_killed_rollout_worker_is_restarted_and_no_block_is_lost_or_doubled(local_ray, tmp_path):
+    cfg = load(SMOKE, ["rollout.num_workers=2", "rollout.max_restarts=3", "algo.n_critic=4", "trainer.iterations=5"])
+    init, _ = _init(cfg)
+    system = build_ray_system(cfg, init)
+    trainer = Trainer(cfg, system, tmp_path, progress=False)
+    victim = system.workers[0]
+    original_call = victim.call
+    killed = []
+
+    def call_then_kill(method, *args, **kwargs):
+        out = original_call(method, *args, **kwargs)
+        if method == "collect" and trainer.iteration == 2 and not killed:
+            ray.kill(victim.actor, no_restart=False)  # dies while its collect is pending
+            killed.append(True)
+        return out
+
+    victim.call = call_then_kill
+    for _ in range(5):
+        metrics = trainer.step()
+    assert trainer.counters["worker_failures"] >= 1
+    assert trainer.counters["blocks"] == 5 * 4
+    assert trainer.counters["chains"] == 5 * 4 * cfg.algo.batch_size
+    buffer_state = ray.get(system.buffer.call("state"))
+    assert buffer_state["blocks_added"] == 5 * 4  # each block id exactly once
+    assert ray.get(system.learner.call("get_weights"))[0] == 5
+    assert np.isfinite(metrics["critic/ipm_gap"])
+    # the restarted worker pulled the current weights and keeps working
+    out = victim.call("collect", system.learner.call("get_weights"), system.critic.call("get_weights"), ["x/0"], 8,
+                      num_returns=2)
+    assert ray.get(out[-1])["policy_version"] == 5
+    system.shutdown()
+
+
+def test_lost_learner_stops_the_run_with_a_clear_error_and_the_checkpoint_intact(local_ray, tmp_path):
+    cfg = load(SMOKE, ["trainer.iterations=4"])
+    init, _ = _init(cfg)
+    system = build_ray_system(cfg, init)
+    trainer = Trainer(cfg, system, tmp_path, progress=False)
+    trainer.step()
+    saved = trainer.checkpoint()
+    ray.kill(system.learner.actor, no_restart=True)
+    with pytest.raises(ComponentLost, match="learner was lost"):
+        trainer.step()
+    assert latest_checkpoint(tmp_path) == saved
+    assert load_checkpoint(saved)["iteration"] == 1
+    system.shutdown()
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path):
+    cfg = load(SMOKE, ["ray.backend=local", "trainer.max_nonfinite_updates=3", "algo.n_critic=2"])
+    init, data = _init(cfg)
+    system = build_local_system(cfg, init, data)
+    trainer = Trainer(cfg, system, tmp_path, progress=False)
+    trainer.step()
+    saved = trainer.checkpoint()
+    critic_before = {k: v.clone() for k, v in system.critic.obj.critic.state_dict().items()}
+    system.critic.obj.real_data.data[:] = float("nan")  # every critic loss is now NaN
+    with pytest.raises(NonFiniteError, match="trainer.max_nonfinite_updates = 3"):
+        for _ in range(3):
+            trainer.step()
+    assert trainer.counters["nonfinite_total"] >= 3
+    for k, v in system.critic.obj.critic.state_dict().items():
+        assert torch.equal(v, critic_before[k]), "a skipped update must not move the critic"
+    assert latest_checkpoint(tmp_path) == saved
+
+
+def _one_line_exit_2(result, needle: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda d: ["model.checkpoint=" + str(d / "missing.pt")], "not found"),
+        (lambda d: ["model.checkpoint=" + str(_write(d / "corrupt.pt", b"not a torch file"))], "not a readable PyTorch file"),
+        (lambda d: ["data.name=mnist", "model.sampler=unet"], "data.path"),
+    ],
+)
+def test_bad_files_are_one_line_errors_and_write_nothing(tmp_path, make, needle):
+    run_dir = tmp_path / "run"
+    result = run_cli(["sftrl.run", str(SMOKE), *make(tmp_path), "--run-dir", str(run_dir)], timeout=120)
+    _one_line_exit_2(result, needle)
+    assert not run_dir.exists()
+
+
+def test_checkpoint_of_another_model_shape_is_refused(tmp_path, cache_dir):
+    other = tmp_path / "other.pt"
+    result = run_cli(["sftrl.cli", "pretrain", str(SMOKE), "model.hidden=32", "pretrain.epochs=1",
+                      f"pretrain.cache_dir={cache_dir}", "--out", str(other), "--no-progress"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "run"
+    result = run_cli(["sftrl.run", str(SMOKE), f"model.checkpoint={other}", "--run-dir", str(run_dir)], timeout=120)
+    _one_line_exit_2(result, "hidden: checkpoint 32 vs config 64")
+    assert not run_dir.exists()
+
+
+def test_broken_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algo:\n  n_critic: 5\n  batch_size: [1, 2\n")
+    result = run_cli(["sftrl.run", str(bad), "--run-dir", str(tmp_path / "run")], timeout=60)
+    _one_line_exit_2(result, "bad.yaml")
+    assert "line" in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_wrong_type_names_key_value_and_type(tmp_path):
+    result = run_cli(["sftrl.run", str(SMOKE), "algo.batch_size=many", "--run-dir", str(tmp_path / "run")], timeout=60)
+    _one_line_exit_2(result, "'algo.batch_size' must be an int, got 'many'")
+
+
+def _write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
