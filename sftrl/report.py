@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+import yaml
+
 from sftrl.config import Config
 from sftrl.configtools import to_dict
 
@@ -49,7 +51,58 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_report(run_dir: Path, cfg: Config, trainer, pretrain_info: dict, wall_s: float) -> dict:
+PICTURE_SAMPLES = 2000  # points per scatter panel
+PATH_CHAINS = 64  # chains drawn in the sampling-path figure (Figure 7)
+GRID_IMAGES = 16  # images per row of the before/after grid
+PICTURE_SEED = 20230131  # the same seeds for the initial and the fine-tuned sampler
+
+
+def make_pictures(run_dir: Path, cfg: Config, init, trainer, data, tensorboard=None) -> dict[str, str]:
+    """Training curves, and samples of the initial vs the fine-tuned sampler from the same seeds:
+    scatter over the data and the whole sampling paths (Figure 7) for 2-D data, grids for images.
+    Returns ``{caption: file name}``; each picture also goes to TensorBoard when a logger is given."""
+    import numpy as np
+    import torch
+
+    from sftrl import pictures
+    from sftrl.components import schedule_of
+    from sftrl.diffusion.step import rollout
+    from sftrl.models import build_networks
+    from sftrl.weights import load_numpy_state
+
+    out: dict[str, str] = {}
+    out["training curves"] = pictures.training_curves(trainer.log.read(), run_dir / "curves.png").name
+    tables = schedule_of(cfg).tables("cpu")
+    version, tuned_state = trainer.system.learner.resolve(trainer.system.learner.call("get_weights"))
+
+    def chains(state, n):
+        sampler, _, _ = build_networks(cfg, init.data_shape)
+        load_numpy_state(sampler, state)
+        generator = torch.Generator().manual_seed(PICTURE_SEED)
+        x_start = torch.randn((n, *init.data_shape), generator=generator)
+        with torch.no_grad():
+            return rollout(sampler.eval(), tables, x_start, generator=generator).xs.numpy()
+
+    if len(init.data_shape) == 1 and init.data_shape[0] == 2:
+        before, after = chains(init.sampler_state, PICTURE_SAMPLES), chains(tuned_state, PICTURE_SAMPLES)
+        real = np.asarray(data)[:PICTURE_SAMPLES]
+        out["samples vs data, initial and fine-tuned"] = pictures.before_after_scatter(
+            before[-1], after[-1], real, run_dir / "samples.png").name
+        out["sampling paths from the same seeds (Figure 7)"] = pictures.sampling_paths(
+            before[:, :PATH_CHAINS], after[:, :PATH_CHAINS], real, run_dir / "sampling_paths.png").name
+    elif len(init.data_shape) == 3:
+        before, after = chains(init.sampler_state, GRID_IMAGES), chains(tuned_state, GRID_IMAGES)
+        out["samples from the same seeds: initial (top) and fine-tuned (bottom)"] = pictures.before_after_grid(
+            before[-1], after[-1], run_dir / "samples.png", nrow=GRID_IMAGES).name
+    if tensorboard is not None:
+        for name in out.values():
+            tensorboard.image(f"pictures/{Path(name).stem}", str(run_dir / name), trainer.iteration)
+    return out
+
+
+def write_report(
+    run_dir: Path, cfg: Config, trainer, pretrain_info: dict, wall_s: float, pictures: dict[str, str] | None = None
+) -> dict:
     rows = evaluation_rows(trainer.evaluations)
     iterations = trainer.iteration
     report = {
@@ -63,6 +116,7 @@ def write_report(run_dir: Path, cfg: Config, trainer, pretrain_info: dict, wall_
         "pretrain": pretrain_info,
         "counters": trainer.counters,
         "evaluations": rows,
+        "pictures": pictures or {},
         "config": to_dict(cfg),
     }
     _write_atomic(run_dir / "report.json", json.dumps(report, indent=2, default=str))
@@ -90,9 +144,17 @@ def write_report(run_dir: Path, cfg: Config, trainer, pretrain_info: dict, wall_
         f"- initial sampler: {pretrain_info.get('source')} ({pretrain_info.get('path')}), "
         f"{pretrain_info.get('seconds', 0.0):.1f} s",
         "",
+        "## Pictures",
+        "",
+        *[f"![{caption}]({name})" for caption, name in (pictures or {}).items()],
+        "",
         "## Config",
         "",
-        "See `config.yaml` (the resolved config).",
+        "The resolved config (also in `config.yaml`):",
+        "",
+        "```yaml",
+        yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(),
+        "```",
         "",
     ]
     _write_atomic(run_dir / "report.md", "\n".join(md))

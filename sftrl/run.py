@@ -138,13 +138,14 @@ def train(cfg: Config, run_dir: Path, init, pretrain_info: dict, data, resume_st
     """Fine-tune and report. Returns 0, 128 + signal when stopped by a signal, 1 on a fatal fault."""
     from sftrl.evaluation import build_evaluator
     from sftrl.handles import ComponentLost
-    from sftrl.report import write_report
+    from sftrl.report import make_pictures, write_report
+    from sftrl.tensorboard import TensorBoardLogger
     from sftrl.trainer import NonFiniteError, RolloutError, Trainer, build_local_system
 
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_yaml(cfg, run_dir / "config.yaml", header="resolved sftrl config")
     started_ray = False
-    system = None
+    system = tensorboard = None
     try:
         if cfg.ray.backend == "ray":
             from sftrl.distributed import build_ray_system, init_ray
@@ -154,13 +155,18 @@ def train(cfg: Config, run_dir: Path, init, pretrain_info: dict, data, resume_st
         else:
             system = build_local_system(cfg, init, data)
         evaluator = build_evaluator(cfg, init)
-        trainer = Trainer(cfg, system, run_dir, evaluator.evaluate if evaluator else None, progress=progress)
+        tensorboard = TensorBoardLogger(run_dir / "tensorboard")
+        trainer = Trainer(
+            cfg, system, run_dir, evaluator.evaluate if evaluator else None, progress=progress, log_sinks=(tensorboard,)
+        )
         start = time.monotonic()
         with StopOnSignal(trainer) as stop:
             if resume_state is not None:
                 trainer.restore(resume_state)
             trainer.fit()
-        write_report(run_dir, cfg, trainer, pretrain_info, time.monotonic() - start)
+        wall_s = time.monotonic() - start
+        pictures = make_pictures(run_dir, cfg, init, trainer, data, tensorboard)
+        write_report(run_dir, cfg, trainer, pretrain_info, wall_s, pictures)
         if stop.signum is not None:
             print(f"stopped at iteration {trainer.iteration}; continue with --run-dir {run_dir} --resume auto", file=sys.stderr)
             return 128 + stop.signum
@@ -169,6 +175,8 @@ def train(cfg: Config, run_dir: Path, init, pretrain_info: dict, data, resume_st
         print(f"error: {err}; last checkpoint: {last or 'none'} (resume with --run-dir {run_dir} --resume auto)", file=sys.stderr)
         return 1
     finally:
+        if tensorboard is not None:
+            tensorboard.close()
         if system is not None:
             system.shutdown()
         if started_ray:

@@ -68,14 +68,21 @@ def mean_metrics(entries: list[dict[str, float]], prefix: str) -> dict[str, floa
 
 
 class MetricsLog:
-    """Append-only JSONL: one object per line, each with an ``iteration`` field."""
+    """Append-only JSONL: one object per line, each with an ``iteration`` field.
 
-    def __init__(self, path: Path):
+    The JSONL is the source of truth; ``sinks`` (e.g. a TensorBoard logger with
+    ``scalars(iteration, record)``) receive a copy of every record.
+    """
+
+    def __init__(self, path: Path, sinks: tuple = ()):
         self.path = Path(path)
+        self.sinks = sinks
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
+        for sink in self.sinks:
+            sink.scalars(record["iteration"], record)
 
     def truncate_after(self, iteration: int) -> int:
         """Drop lines past ``iteration`` (written after the checkpoint a run resumes from), so a
@@ -105,13 +112,14 @@ class Trainer:
         evaluate: Callable[[Any], dict[str, float]] | None = None,
         *,
         progress: bool = True,
+        log_sinks: tuple = (),
     ):
         self.cfg = cfg
         self.system = system
         self.run_dir = Path(run_dir)
         self.evaluate_weights = evaluate
         self.progress = progress
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", log_sinks)
         self.data_need = ALGORITHMS[cfg.algo.name].data
         self.iteration = 0
         self.counters = {

@@ -86,3 +86,39 @@ def test_config_resolves_from_the_installed_package_outside_the_checkout(tmp_pat
         assert resolve_config_path("configs/smoke.yaml") == REPO / "configs" / "smoke.yaml"
     finally:
         os.chdir(cwd)
+
+
+def _png_size(path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_smoke_run_renders_every_picture(smoke_run):
+    import matplotlib.image
+
+    from sftrl import pictures
+
+    run_dir, _ = smoke_run
+    expected = {
+        "curves.png": pictures.CURVES_SIZE_PX,
+        "samples.png": pictures.PAIR_SIZE_PX,
+        "sampling_paths.png": pictures.PAIR_SIZE_PX,
+    }
+    report = (run_dir / "report.md").read_text()
+    for name, size in expected.items():
+        assert _png_size(run_dir / name) == size, name
+        assert matplotlib.image.imread(run_dir / name).std() > 0.01, f"{name} is blank"
+        assert f"]({name})" in report
+
+
+def test_smoke_run_writes_tensorboard_scalars_and_pictures(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = smoke_run
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"critic/ipm_gap", "policy/policy_loss", "eval/sw2_mean"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("critic/ipm_gap")] == [5, 10, 15, 20]
+    assert "pictures/samples" in tags["images"]
