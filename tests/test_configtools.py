@@ -665,3 +665,17 @@ def test_optional_section() -> None:
         ("extra.lr", "float", "0.001"),
     ]
     check_schema(_WithOptionalSection)
+
+
+def test_readme_config_reference_matches_the_dataclasses():
+    """The README's config reference is generated from the field docs and must not drift."""
+    from pathlib import Path
+
+    from sftrl.config import Config
+    from sftrl.configtools import iter_fields
+    from sftrl.docs import with_reference
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert with_reference(readme) == readme, "run: python -m sftrl.docs"
+    for field in iter_fields(Config):
+        assert f"`{field.name}`" in readme.split("## Config reference", 1)[1], field.name
