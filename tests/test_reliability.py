@@ -190,3 +190,74 @@ def test_wrong_type_names_key_value_and_type(tmp_path):
 def _write(path: Path, content: bytes) -> Path:
     path.write_bytes(content)
     return path
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; it only waits to be reaped
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (Linux /proc), found without extra packages."""
+    parents = {int(p.name): _parent_of(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    found, frontier = [], [root]
+    while frontier:
+        current = frontier.pop()
+        children = [pid for pid, parent in parents.items() if parent == current]
+        found += children
+        frontier += children
+    return found
+
+
+def test_sigint_checkpoints_stops_cleanly_and_resume_continues(tmp_path, cache_dir):
+    """SIGINT on the driver: checkpoint, exit 130, Ray's processes gone; resume appends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "sftrl.run", str(SMOKE), "trainer.iterations=100000", "trainer.log_every=1",
+            "trainer.eval_every=0", f"pretrain.cache_dir={cache_dir}", "--run-dir", str(run_dir), "--no-progress"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 12):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.5)
+    descendants = _descendants(proc.pid)
+    assert descendants, "a Ray run starts helper processes"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    assert "checkpointing after this iteration" in stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_running(pid) for pid in descendants):
+        time.sleep(0.5)
+    alive = [pid for pid in descendants if _running(pid)]
+    assert not alive, f"orphaned processes: {alive}"
+    state = load_checkpoint(latest_checkpoint(run_dir))
+    stopped_at = state["iteration"]
+    assert stopped_at >= 10
+    lines = [json.loads(x)["iteration"] for x in metrics.read_text().splitlines() if "critic/ipm_gap" in x]
+    assert lines == list(range(1, stopped_at + 1))
+    # resume for 5 more iterations in-process (local backend): appended, never repeated
+    code = run_main([str(SMOKE), f"trainer.iterations={stopped_at + 5}", "trainer.log_every=1", "trainer.eval_every=0",
+                     "ray.backend=local", f"pretrain.cache_dir={cache_dir}", "--run-dir", str(run_dir),
+                     "--resume", "auto", "--no-progress"])
+    assert code == 0
+    lines = [json.loads(x)["iteration"] for x in metrics.read_text().splitlines() if "critic/ipm_gap" in x]
+    assert lines == list(range(1, stopped_at + 6))
