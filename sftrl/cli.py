@@ -93,27 +93,41 @@ def _sample(args: argparse.Namespace) -> int:
 
     from sftrl.components import schedule_of
     from sftrl.diffusion.step import sample
+    from sftrl.progress import Progress
 
     cfg, sampler, data_shape = _load_run(args.run_dir, args.checkpoint)
     generator = torch.Generator().manual_seed(args.seed)
-    x = sample(sampler.eval(), schedule_of(cfg).tables(), args.n, data_shape, generator=generator).numpy()
+    with Progress(args.n, "sample", unit="sample") as bar:
+        x = sample(sampler.eval(), schedule_of(cfg).tables(), args.n, data_shape, generator=generator,
+                   batch_size=args.batch_size, on_batch=bar.update).numpy()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, x=x)
+    tmp = out.with_name(f".{out.stem}.tmp.npz")
+    np.savez(tmp, x=x)
+    tmp.replace(out)
     print(f"wrote {len(x)} samples of shape {tuple(x.shape[1:])} to {out}", file=sys.stderr)
+    if len(data_shape) == 3:  # images: a PNG grid beside the arrays
+        from sftrl.pictures import image_grid
+
+        grid = image_grid(x[:64], out.with_suffix(".png"), nrow=8)
+        print(f"wrote a grid of the first {min(64, len(x))} to {grid}", file=sys.stderr)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from sftrl.components import InitState
     from sftrl.evaluation import build_evaluator
+    from sftrl.progress import Progress
     from sftrl.weights import to_numpy_state
 
     cfg, sampler, data_shape = _load_run(args.run_dir, args.checkpoint)
     evaluator = build_evaluator(cfg, InitState(None, data_shape))
     if evaluator is None:
         raise ValueError(f"no evaluation metric is configured for data set {cfg.data.name!r}")
-    print(json.dumps(evaluator.evaluate(to_numpy_state(sampler)), indent=2))
+    with Progress(1, "evaluate", unit="eval") as bar:
+        result = evaluator.evaluate(to_numpy_state(sampler))
+        bar.update(1)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -138,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--out", default="samples.npz", help="output .npz with array x of shape (N, *data_shape)")
     samp.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
     samp.add_argument("--seed", type=int, default=0, help="sampling seed")
+    samp.add_argument("--batch-size", type=int, default=1000, help="chains sampled at once (default 1000)")
 
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint with the configured metric (SW2, exact W2)")
     ev.add_argument("run_dir", help="a run directory written by sftrl run")

@@ -1,8 +1,19 @@
-"""Evaluation of a sampler: SW2 (Table 1's "W2") with its noise floor, and exact W2, for 2-D data."""
+"""Evaluation of a sampler.
+
+2-D data: SW2 (Table 1's "W2") with its noise floor, and exact W2 (:class:`ToyEvaluator`).
+Images: FID and KID of ``trainer.eval_samples`` samples against the real training images
+(:class:`ImageEvaluator`; Table 3's protocol is 50K samples with the Inception extractor). The
+extractor is the standard Inception when its weights are on disk; for digits, without them, the
+digits CNN (its name says its FIDs are not comparable to published ones); otherwise FID is
+skipped and the evaluation says why (:class:`SkippedImageEvaluator`): a FID from a stand-in
+network is never reported for a data set whose published FIDs are Inception FIDs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,6 +23,14 @@ from sftrl.diffusion.schedules import SamplingSchedule
 from sftrl.diffusion.step import sample
 from sftrl.metrics.wasserstein import exact_w2, sw2_report
 from sftrl.weights import NumpyState, load_numpy_state
+
+# Real images the FID/KID reference holds at most (the first N of the training set): CIFAR-10's
+# whole 50K training set, as in Table 3; CelebA's 162K-202K would cost ~10 GB of float32 at 64x64.
+FID_REAL_MAX = 50_000
+# Chains sampled at once during image evaluation: bounds the U-Net's activation memory.
+IMAGE_EVAL_BATCH = 500
+# KID: subsets of this many images (torchmetrics' default), fewer when a set is smaller.
+KID_SUBSET_SIZE = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +89,154 @@ class ToyEvaluator:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageEvalSettings:
+    num_samples: int = 10_000
+    seed: int = 0
+    batch_size: int = IMAGE_EVAL_BATCH
+    kid_subset_size: int = KID_SUBSET_SIZE
+
+
+class ImageEvaluator:
+    """FID and KID of sampler weights against a fixed set of real images.
+
+    Every evaluation draws ``num_samples`` images with the evaluation chain (no std floor) from
+    the same seed, so successive evaluations share their noise and their differences are the
+    sampler's. Returns ``{"fid", "kid_mean", "kid_std", "extractor", "num_real", "num_fake"}``;
+    ``extractor`` is the feature network's name (a string), which says whether the FID is the
+    standard Inception one.
+    """
+
+    def __init__(
+        self,
+        sampler: nn.Module,
+        schedule: SamplingSchedule,
+        real_images: np.ndarray,
+        extractor: nn.Module,
+        settings: ImageEvalSettings,
+        *,
+        device: str = "cpu",
+    ):
+        self.device = torch.device(device)
+        self.sampler = sampler.to(self.device).eval()
+        self.tables = schedule.tables(self.device)
+        self.real_images = torch.as_tensor(real_images)  # (N_real, C, H, W) in [-1, 1], on CPU
+        if self.real_images.dim() != 4:
+            raise ValueError(f"real images must be (N, C, H, W), got {tuple(self.real_images.shape)}")
+        self.data_shape = tuple(self.real_images.shape[1:])
+        self.extractor = extractor.to(self.device).eval()
+        self.settings = settings
+
+    def sample(self, weights: NumpyState | None, n: int, seed: int) -> np.ndarray:
+        """``(n, C, H, W)`` float32 samples (``weights`` None: the sampler's current weights)."""
+        if weights is not None:
+            load_numpy_state(self.sampler, weights)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        x = sample(
+            self.sampler,
+            self.tables,
+            n,
+            self.data_shape,
+            generator=generator,
+            device=self.device,
+            batch_size=self.settings.batch_size,
+        )
+        return x.cpu().numpy()
+
+    def evaluate(self, weights: NumpyState | None) -> dict[str, float | str]:
+        from sftrl.metrics.fid import fid_kid
+
+        s = self.settings
+        fake = self.sample(weights, s.num_samples, s.seed)  # (N, C, H, W)
+        result = fid_kid(
+            self.real_images,
+            fake,
+            self.extractor,
+            kid_subset_size=s.kid_subset_size,
+            batch_size=s.batch_size,
+            seed=s.seed,
+        )
+        return {
+            "fid": result.fid,
+            "kid_mean": result.kid_mean,
+            "kid_std": result.kid_std,
+            "extractor": result.extractor,
+            "num_real": result.num_real,
+            "num_fake": result.num_fake,
+        }
+
+
+class SkippedImageEvaluator:
+    """Stands in where no FID can be computed honestly: every evaluation says why, nothing else."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def evaluate(self, weights: NumpyState | None) -> dict[str, str]:
+        return {"extractor": "none", "fid_skipped": self.reason}
+
+
+def extractor_cache_dir(cfg) -> Path:
+    """Where the digits extractor is cached: ``extractors/`` beside ``pretrain.cache_dir``
+    (``~/.cache/sftrl/extractors`` by default), so a test's cache_dir isolates it too."""
+    return Path(cfg.pretrain.cache_dir).expanduser().parent / "extractors"
+
+
+def choose_extractor(cfg, data_shape: tuple[int, ...]) -> tuple[nn.Module | None, str]:
+    """``(extractor, "")``, or ``(None, why FID is skipped)``.
+
+    The standard Inception where torch-fidelity and its weights are on disk; else, for digits,
+    the digits CNN (trained once and cached); else None: the published FIDs of MNIST, CIFAR-10
+    and CelebA are Inception FIDs, and a stand-in network's number would not be comparable.
+    """
+    from sftrl.metrics.fid import (
+        default_inception_weights_path,
+        digits_extractor,
+        inception_extractor_if_available,
+    )
+
+    inception = inception_extractor_if_available()
+    if inception is not None:
+        return inception, ""
+    if cfg.data.name == "digits":
+        return digits_extractor(extractor_cache_dir(cfg), image_size=data_shape[-1]), ""
+    return None, (
+        f"FID/KID skipped: the standard Inception extractor is not available (needs the "
+        f"torch-fidelity package and its weights at {default_inception_weights_path()}; sftrl never "
+        f"downloads them), and no other extractor gives FIDs comparable to published ones for "
+        f"{cfg.data.name!r}"
+    )
+
+
+def build_image_evaluator(cfg, init):
+    """:class:`ImageEvaluator` for ``cfg``, or :class:`SkippedImageEvaluator` saying why not."""
+    from sftrl.components import resolve_device, schedule_of
+    from sftrl.data import load_real_data
+    from sftrl.models import build_unet
+
+    extractor, reason = choose_extractor(cfg, init.data_shape)
+    if extractor is None:
+        print(f"warning: {reason}", file=sys.stderr)
+        return SkippedImageEvaluator(reason)
+    limit = min(cfg.data.limit or FID_REAL_MAX, FID_REAL_MAX)
+    real_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, limit=limit))
+    real = load_real_data(real_cfg)  # (N_real, C, H, W) in [-1, 1]
+    sampler = build_unet(cfg, init.data_shape)
+    if init.sampler_state is not None:
+        load_numpy_state(sampler, init.sampler_state)
+    settings = ImageEvalSettings(num_samples=cfg.trainer.eval_samples, seed=cfg.seed + 12345)
+    return ImageEvaluator(sampler, schedule_of(cfg), real, extractor, settings, device=resolve_device(cfg))
+
+
 def build_evaluator(cfg, init):
-    """The evaluator for ``cfg``'s data (None where no metric is configured)."""
+    """The evaluator for ``cfg``'s data: SW2 for 2-D sets, FID/KID (or the reason why not) for
+    images. ``evaluator.evaluate(weights) -> dict``."""
     from sftrl.components import schedule_of
     from sftrl.data import fresh_data_fn
     from sftrl.models import build_networks
 
     if not cfg.is_toy:
-        return None
+        return build_image_evaluator(cfg, init)
     sampler, _, _ = build_networks(cfg, init.data_shape)
     t = cfg.trainer
     settings = EvalSettings(t.eval_samples, t.eval_draws, t.exact_w2_points, seed=cfg.seed + 12345)

@@ -3,10 +3,16 @@
 A sampler checkpoint is a dict of tensors and plain values (loadable with
 ``torch.load(weights_only=True)``): ``format``, ``state_dict``, ``model`` (what builds the
 network), ``pretrain`` (the settings it was trained with) and ``final_eps_mse``.
+
+``model.checkpoint`` may name such a file or, for the U-Net sampler, a public DDPM/DDIM release
+(a plain EMA state dict, or the DDIM training list whose last dict is the EMA state dict; see
+:func:`sftrl.models.unet.load_ddim_checkpoint`). The two are told apart by the ``format`` entry.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -18,9 +24,18 @@ from torch import nn
 from sftrl.config import Config, pretrain_key
 from sftrl.configtools import to_dict
 from sftrl.diffusion.betas import alphas_cumprod, make_betas
+from sftrl.models.unet import CheckpointMismatchError, load_ddim_checkpoint
 from sftrl.progress import Progress
 
 SAMPLER_FORMAT = "sftrl-sampler-v1"
+DDIM_FORMAT = "ddim"  # what ``load_or_pretrain`` reports for a public DDPM/DDIM release
+# Keys of each kind a one-line checkpoint-mismatch error names before summarising the rest.
+MAX_KEYS_IN_ERROR = 5
+# The U-Net keeps an exponential moving average of its weights and ends pretraining with it, as
+# the DDPM/DDIM releases do (they sample with EMA weights, decay 0.9999 over ~800K steps). Runs
+# here are a few thousand steps, so the average is shorter; without it the few-step samplers'
+# FID swings by a factor of 3 between epochs. The toy MLP keeps the paper's recipe (no EMA).
+UNET_EMA_DECAY = 0.999
 
 
 def pretrain_sampler(
@@ -35,11 +50,14 @@ def pretrain_sampler(
     seed: int,
     device: str = "cpu",
     progress: bool = True,
+    ema_decay: float | None = None,
 ) -> dict:
     """eps-MSE training (Ho et al.) with RMSprop and gradient clipping, the paper's recipe.
 
-    ``data`` ``(N, *D)``; ``betas`` ``(T,)``. An epoch is one shuffled pass over the data.
-    Returns ``{"epoch_loss": [...], "seconds": ...}``.
+    ``data`` ``(N, *D)`` (flat toy points or images ``(N, C, H, W)``); ``betas`` ``(T,)``. An epoch
+    is one shuffled pass over the data. With ``ema_decay`` the model ends with the exponential
+    moving average of its weights (decay ``min(ema_decay, (1 + k) / (10 + k))`` at step k, so the
+    initial weights are forgotten early). Returns ``{"epoch_loss": [...], "seconds": ...}``.
     """
     device = torch.device(device)
     model = model.to(device).train()
@@ -49,6 +67,8 @@ def pretrain_sampler(
     optimizer = torch.optim.RMSprop(model.parameters(), lr=lr)
     generator = torch.Generator(device=device).manual_seed(seed)
     params = list(model.parameters())
+    ema = [p.detach().clone() for p in params] if ema_decay is not None else None
+    steps = 0
     history = []
     with Progress(epochs, "pretrain", unit="epoch", enabled=progress) as bar:
         for _ in range(epochs):
@@ -64,12 +84,21 @@ def pretrain_sampler(
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 optimizer.step()
+                if ema is not None:
+                    decay = min(ema_decay, (1 + steps) / (10 + steps))
+                    for average, p in zip(ema, params):
+                        average.lerp_(p.detach(), 1.0 - decay)
+                steps += 1
                 total += loss.detach() * len(idx)
             epoch_loss = (total / len(x)).item()
             history.append(epoch_loss)
             bar.update(1, eps_mse=epoch_loss)
         seconds = bar.elapsed
-    return {"epoch_loss": history, "seconds": seconds}
+    if ema is not None:
+        with torch.no_grad():
+            for p, average in zip(params, ema):
+                p.copy_(average)
+    return {"epoch_loss": history, "seconds": seconds, "ema_decay": ema_decay}
 
 
 def _eps_mse(model, x_0, abar, t, noise):
@@ -80,14 +109,34 @@ def _eps_mse(model, x_0, abar, t, noise):
     return (model(x_t, t.to(x_0.dtype)) - noise).pow(2).mean(), None
 
 
+def unet_architecture(cfg: Config) -> dict:
+    """The ``model.unet_*`` settings that fix the U-Net's weights (dropout does not)."""
+    m = cfg.model
+    return {
+        "ch": m.unet_ch,
+        "ch_mult": list(m.unet_ch_mult),
+        "num_res_blocks": m.unet_num_res_blocks,
+        "attn_resolutions": list(m.unet_attn_resolutions),
+    }
+
+
+def model_signature(cfg: Config) -> dict:
+    """What a sampler checkpoint must agree on with ``cfg`` to be loaded into its network."""
+    signature = {"sampler": cfg.model.sampler, "num_train_steps": cfg.diffusion.num_train_steps}
+    if cfg.model.sampler == "unet":
+        signature["unet"] = unet_architecture(cfg)
+    else:
+        signature["hidden"] = cfg.model.hidden
+    return signature
+
+
 def sampler_checkpoint(model: nn.Module, cfg: Config, info: dict) -> dict:
     return {
         "format": SAMPLER_FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model": {
-            "sampler": cfg.model.sampler,
+            **model_signature(cfg),
             "hidden": cfg.model.hidden,
-            "num_train_steps": cfg.diffusion.num_train_steps,
             "beta_schedule": cfg.diffusion.beta_schedule,
             "data": cfg.data.name,
         },
@@ -109,22 +158,27 @@ class SamplerCheckpointError(ValueError):
     """A sampler checkpoint that is missing, unreadable, or of another model."""
 
 
-def load_sampler_checkpoint(path: Path, model: nn.Module, cfg: Config) -> dict:
-    """Load a sampler checkpoint into ``model`` after checking it matches ``cfg``."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise SamplerCheckpointError(f"sampler checkpoint '{path}' not found (model.checkpoint)")
+def _read_checkpoint(path: Path):
+    """``torch.load(weights_only=True)`` of ``path``, tensors memory-mapped where the file allows
+    (a multi-GB DDIM training checkpoint is then only paged in as far as it is used)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # legacy (non-zip) files cannot be memory-mapped: read them plainly below
+        pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt file
         raise SamplerCheckpointError(
             f"sampler checkpoint '{path}' is not a readable PyTorch file ({type(err).__name__})"
         ) from None
+
+
+def _load_sftrl_checkpoint(path: Path, ckpt, model: nn.Module, cfg: Config) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != SAMPLER_FORMAT:
         raise SamplerCheckpointError(
             f"'{path}' is not an sftrl sampler checkpoint (expected format '{SAMPLER_FORMAT}')"
         )
-    want = {"sampler": cfg.model.sampler, "hidden": cfg.model.hidden, "num_train_steps": cfg.diffusion.num_train_steps}
+    want = model_signature(cfg)
     have = {k: ckpt["model"].get(k) for k in want}
     if have != want:
         diff = ", ".join(f"{k}: checkpoint {have[k]!r} vs config {want[k]!r}" for k in want if have[k] != want[k])
@@ -136,18 +190,84 @@ def load_sampler_checkpoint(path: Path, model: nn.Module, cfg: Config) -> dict:
     return ckpt
 
 
+def load_sampler_checkpoint(path: Path, model: nn.Module, cfg: Config) -> dict:
+    """Load an sftrl sampler checkpoint into ``model`` after checking it matches ``cfg``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SamplerCheckpointError(f"sampler checkpoint '{path}' not found (model.checkpoint)")
+    return _load_sftrl_checkpoint(path, _read_checkpoint(path), model, cfg)
+
+
+def _one_line_mismatch(path: Path, err: CheckpointMismatchError, model: nn.Module) -> str:
+    """A :class:`CheckpointMismatchError` (one line per key) as one line naming the first keys."""
+
+    def listing(what: str, items: list[str]) -> str:
+        shown = "; ".join(items[:MAX_KEYS_IN_ERROR])
+        more = f"; ... and {len(items) - MAX_KEYS_IN_ERROR} more" if len(items) > MAX_KEYS_IN_ERROR else ""
+        return f"{len(items)} {what}{'' if len(items) == 1 else 's'}: {shown}{more}"
+
+    kinds = [
+        (err.mismatched, "mis-shaped key", [f"{k} expected {list(e)} found {list(f)}" for k, e, f in err.mismatched]),
+        (err.missing, "missing key", err.missing),
+        (err.unexpected, "unexpected key", err.unexpected),
+    ]
+    found = " | ".join(listing(what, items) for present, what, items in kinds if present)
+    built = f"{model.in_channels} channels, {model.resolution}x{model.resolution}"
+    return (
+        f"DDPM/DDIM checkpoint '{path}' (model.checkpoint) does not fit the U-Net built from "
+        f"model.unet_* ({built}); nothing was loaded: {found}"
+    )
+
+
+def load_ddim_release(path: Path, model: nn.Module) -> None:
+    """Load a public DDPM/DDIM U-Net checkpoint into ``model``; any failure is one-line
+    :class:`SamplerCheckpointError` (keys and shapes are checked before anything is copied)."""
+    try:
+        load_ddim_checkpoint(path, model)
+    except CheckpointMismatchError as err:
+        raise SamplerCheckpointError(_one_line_mismatch(path, err, model)) from None
+    except (ValueError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SamplerCheckpointError(f"model.checkpoint '{path}': {first_line}") from None
+
+
+def load_initial_checkpoint(path: str | Path, model: nn.Module, cfg: Config) -> dict:
+    """Initialise ``model`` from ``model.checkpoint``: an sftrl sampler checkpoint (a dict with a
+    ``format`` entry) or, for the U-Net, a public DDPM/DDIM release. Returns the report entry."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SamplerCheckpointError(f"sampler checkpoint '{path}' not found (model.checkpoint)")
+    ckpt = _read_checkpoint(path)
+    if isinstance(ckpt, dict) and "format" in ckpt:
+        _load_sftrl_checkpoint(path, ckpt, model, cfg)
+        return {"source": "checkpoint", "format": SAMPLER_FORMAT, "path": str(path), "seconds": 0.0}
+    if cfg.model.sampler != "unet":
+        raise SamplerCheckpointError(
+            f"'{path}' is not an sftrl sampler checkpoint (expected format '{SAMPLER_FORMAT}'); "
+            "public DDPM/DDIM checkpoints need model.sampler: unet"
+        )
+    del ckpt  # load_ddim_checkpoint reads the file itself
+    load_ddim_release(path, model)
+    return {"source": "checkpoint", "format": DDIM_FORMAT, "path": str(path), "seconds": 0.0}
+
+
 def cache_path(cfg: Config) -> Path:
-    return Path(cfg.pretrain.cache_dir).expanduser() / f"{cfg.data.name}-T{cfg.diffusion.num_train_steps}-{pretrain_key(cfg)}.pt"
+    """``<pretrain.cache_dir>/<data>-T<T>-<key>.pt``; the U-Net's architecture joins the key."""
+    key = pretrain_key(cfg)
+    if cfg.model.sampler == "unet":
+        recipe = json.dumps({**unet_architecture(cfg), "ema_decay": UNET_EMA_DECAY}, sort_keys=True)
+        key = hashlib.sha256(f"{key}/{recipe}".encode()).hexdigest()[:16]
+    return Path(cfg.pretrain.cache_dir).expanduser() / f"{cfg.data.name}-T{cfg.diffusion.num_train_steps}-{key}.pt"
 
 
 def load_or_pretrain(cfg: Config, model: nn.Module, data: np.ndarray, *, device: str = "cpu", progress: bool = True) -> dict:
     """Initialise ``model`` from ``model.checkpoint``, the cache, or a fresh pretraining run.
 
-    Returns ``{"source": "checkpoint"|"cache"|"pretrained", "path": ..., "seconds": ...}``.
+    Returns ``{"source": "checkpoint"|"cache"|"pretrained", "path": ..., "seconds": ...}`` (a
+    checkpoint also says its ``format``: ``sftrl-sampler-v1`` or ``ddim``).
     """
     if cfg.model.checkpoint:
-        load_sampler_checkpoint(Path(cfg.model.checkpoint), model, cfg)
-        return {"source": "checkpoint", "path": str(cfg.model.checkpoint), "seconds": 0.0}
+        return load_initial_checkpoint(cfg.model.checkpoint, model, cfg)
     path = cache_path(cfg)
     if path.is_file():
         try:
@@ -167,6 +287,7 @@ def load_or_pretrain(cfg: Config, model: nn.Module, data: np.ndarray, *, device:
         seed=cfg.pretrain.seed,
         device=device,
         progress=progress,
+        ema_decay=UNET_EMA_DECAY if cfg.model.sampler == "unet" else None,
     )
     save_atomic(sampler_checkpoint(model, cfg, info), path)
     return {"source": "pretrained", "path": str(path), "seconds": time.monotonic() - start}

@@ -134,6 +134,7 @@ class Trainer:
         self.events: list[dict[str, Any]] = []
         self.stop_requested = False
         self._rollout_reward = float("nan")
+        self._weights_lag = 0
         self.evaluations: list[dict[str, Any]] = []
         self._critic_weights = system.critic.call("get_weights")
         self._trainable_steps = None
@@ -156,6 +157,7 @@ class Trainer:
             **mean_metrics(critic_metrics, "critic"),
             **mean_metrics(policy_metrics, "policy"),
             "rollout/reward_mean": self._rollout_reward,
+            "rollout/weights_lag": self._weights_lag,
             "time/iteration_s": seconds,
             "throughput/rollout_chains_per_s": chains / seconds,
             "throughput/policy_transitions_per_s": len(policy_metrics) * self.cfg.algo.batch_size / seconds,
@@ -218,6 +220,8 @@ class Trainer:
         self.counters["chains"] += len(ordered) * a.batch_size
         self.counters["transitions"] += len(ordered) * a.batch_size * len(self._steps())
         self._rollout_reward = sum(s["reward_mean"] for s in summaries) / len(summaries)
+        # Versions the rollouts ran behind the learner (0 in sync mode; the metric to watch in async).
+        self._weights_lag = self.iteration - min(s["policy_version"] for s in summaries)
         return ordered
 
     def update_critic(self, blocks: list[Any]) -> list[dict[str, float]]:

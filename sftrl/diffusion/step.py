@@ -167,12 +167,18 @@ def sample(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 10_000,
+    on_batch=None,
 ) -> torch.Tensor:
-    """Draw ``(num_samples, *data_shape)`` samples x_0 with the evaluation chain (no std floor)."""
+    """Draw ``(num_samples, *data_shape)`` samples x_0 with the evaluation chain (no std floor).
+
+    ``on_batch(n)`` (optional) is called after each batch of n samples, e.g. to move a progress bar.
+    """
     out = []
     with torch.no_grad():
         for start in range(0, num_samples, batch_size):
             size = min(batch_size, num_samples - start)
             x_start = torch.randn((size, *data_shape), generator=generator, device=device)
             out.append(rollout(model, tables, x_start, generator=generator).x_0)
+            if on_batch is not None:
+                on_batch(size)
     return torch.cat(out)

@@ -4,12 +4,37 @@ from __future__ import annotations
 
 from torch import nn
 
+from sftrl.models.image import ImageBaseline, ImageCritic
 from sftrl.models.toy import ToyBaseline, ToyCritic, ToySampler
 from sftrl.models.unet import CheckpointMismatchError, UNet, load_ddim_checkpoint
 
+SAMPLERS = ("toy-mlp", "unet")
+
+
+def build_unet(cfg, data_shape: tuple[int, ...]) -> UNet:
+    """The DDPM U-Net of ``cfg.model.unet_*`` for square images ``data_shape = (C, H, H)``."""
+    if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
+        raise ValueError(f"the U-Net sampler needs square images (C, H, H), got shape {data_shape}")
+    channels, resolution = data_shape[0], data_shape[1]
+    m = cfg.model
+    return UNet(
+        ch=m.unet_ch,
+        out_ch=channels,
+        ch_mult=tuple(m.unet_ch_mult),
+        num_res_blocks=m.unet_num_res_blocks,
+        attn_resolutions=tuple(m.unet_attn_resolutions),
+        dropout=m.unet_dropout,
+        in_channels=channels,
+        resolution=resolution,
+    )
+
 
 def build_networks(cfg, data_shape: tuple[int, ...]) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(sampler eps_theta, critic c_alpha, baseline V_omega) for ``cfg`` and the data's shape."""
+    """(sampler eps_theta, critic c_alpha, baseline V_omega) for ``cfg`` and the data's shape.
+
+    ``toy-mlp``: flat data ``(D,)``, the toy MLPs. ``unet``: images ``(C, H, H)``, the DDPM U-Net,
+    the paper's image critic (``model.critic_channels``) and baseline (``model.baseline_hidden``).
+    """
     d = cfg.diffusion
     if cfg.model.sampler == "toy-mlp":
         if len(data_shape) != 1:
@@ -20,15 +45,27 @@ def build_networks(cfg, data_shape: tuple[int, ...]) -> tuple[nn.Module, nn.Modu
             ToyCritic(dim=dim, hidden=tuple(cfg.model.critic_hidden)),
             ToyBaseline(d.steps, dim=dim, hidden=tuple(cfg.model.baseline_hidden)),
         )
-    raise ValueError(f"unknown sampler {cfg.model.sampler!r}; valid: toy-mlp, unet")
+    if cfg.model.sampler == "unet":
+        sampler = build_unet(cfg, tuple(data_shape))
+        channels, resolution = data_shape[0], data_shape[1]
+        return (
+            sampler,
+            ImageCritic(channels, resolution, channels=tuple(cfg.model.critic_channels)),
+            ImageBaseline(data_shape, d.steps, hidden=tuple(cfg.model.baseline_hidden)),
+        )
+    raise ValueError(f"unknown sampler {cfg.model.sampler!r}; valid: {', '.join(SAMPLERS)}")
 
 
 __all__ = [
+    "SAMPLERS",
     "CheckpointMismatchError",
+    "ImageBaseline",
+    "ImageCritic",
     "ToyBaseline",
     "ToyCritic",
     "ToySampler",
     "UNet",
     "build_networks",
+    "build_unet",
     "load_ddim_checkpoint",
 ]
