@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 
-from sftrl.components import schedule_of
+from sftrl.components import fresh_sampler, schedule_of
 from sftrl.config import load
 from sftrl.data import fresh_data_fn, load_real_data
 from sftrl.diffusion.betas import make_betas
 from sftrl.evaluation import EvalSettings, ToyEvaluator
-from sftrl.models import build_networks
 from sftrl.pretraining import pretrain_sampler
 
 
@@ -47,7 +46,7 @@ def main() -> None:
         ],
     )
     data = load_real_data(cfg)
-    sampler, _, _ = build_networks(cfg, tuple(data.shape[1:]))
+    sampler = fresh_sampler(cfg, tuple(data.shape[1:]))
     start = time.monotonic()
     info = pretrain_sampler(
         sampler,

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-from sftrl.components import schedule_of
+from sftrl.components import fresh_sampler, schedule_of
 from sftrl.config import load
 from sftrl.data import fresh_data_fn, load_real_data
 from sftrl.evaluation import EvalSettings, ToyEvaluator
-from sftrl.models import build_networks
 from sftrl.pretraining import load_or_pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +57,7 @@ def ddpm_row(T: int, cache_dir: str, epochs: int | None) -> dict:
     cfg = load(REPO / "configs" / "swissroll.yaml", overrides)
     torch.set_num_threads(1)
     data = load_real_data(cfg)
-    sampler, _, _ = build_networks(cfg, data.shape[1:])
+    sampler = fresh_sampler(cfg, tuple(data.shape[1:]))
     start = time.monotonic()
     info = load_or_pretrain(cfg, sampler, data, progress=False)
     evaluator = ToyEvaluator(sampler, schedule_of(cfg), fresh_data_fn(cfg), data.shape[1:], EvalSettings())

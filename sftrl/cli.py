@@ -38,16 +38,16 @@ def _schedule(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     import torch
 
+    from sftrl.components import fresh_sampler
     from sftrl.config import load
     from sftrl.data import load_real_data
-    from sftrl.models import build_networks
     from sftrl.pretraining import load_or_pretrain, sampler_checkpoint, save_atomic
     from sftrl.run import resolve_config_path
 
     cfg = load(resolve_config_path(args.config), args.overrides)
     torch.set_num_threads(cfg.torch_threads)
     data = load_real_data(cfg)
-    sampler, _, _ = build_networks(cfg, tuple(data.shape[1:]))
+    sampler = fresh_sampler(cfg, tuple(data.shape[1:]))
     info = load_or_pretrain(cfg, sampler, data, progress=not args.no_progress)
     if args.out:
         save_atomic(sampler_checkpoint(sampler, cfg, {"seconds": info["seconds"]}), Path(args.out))

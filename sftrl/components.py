@@ -63,6 +63,15 @@ def _networks(cfg: Config, init: InitState, seed_offset: int):
     return sampler, critic, baseline
 
 
+def fresh_sampler(cfg: Config, data_shape: tuple[int, ...]) -> torch.nn.Module:
+    """The sampler network initialised from ``pretrain.seed`` (the global RNG is left alone), so
+    a pretrained sampler is a function of its cache key."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.pretrain.seed)
+        sampler, _, _ = build_networks(cfg, tuple(data_shape))
+    return sampler
+
+
 def make_rollout_worker(cfg: Config, init: InitState, index: int) -> RolloutWorker:
     torch.set_num_threads(cfg.torch_threads)
     sampler, critic, _ = _networks(cfg, init, 0)

@@ -80,12 +80,11 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:
 
 
 def build_initial_sampler(cfg: Config, data: np.ndarray, progress: bool):
-    from sftrl.components import InitState, resolve_device
-    from sftrl.models import build_networks
+    from sftrl.components import InitState, fresh_sampler, resolve_device
     from sftrl.pretraining import load_or_pretrain
     from sftrl.weights import to_numpy_state
 
-    sampler, _, _ = build_networks(cfg, tuple(data.shape[1:]))
+    sampler = fresh_sampler(cfg, tuple(data.shape[1:]))
     info = load_or_pretrain(cfg, sampler, data, device=resolve_device(cfg), progress=progress)
     return InitState(to_numpy_state(sampler.cpu()), tuple(data.shape[1:])), info
 

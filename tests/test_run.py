@@ -122,3 +122,21 @@ def test_smoke_run_writes_tensorboard_scalars_and_pictures(smoke_run):
     assert {"critic/ipm_gap", "policy/policy_loss", "eval/sw2_mean"} <= set(tags["scalars"])
     assert [e.step for e in events.Scalars("critic/ipm_gap")] == [5, 10, 15, 20]
     assert "pictures/samples" in tags["images"]
+
+
+def test_initial_sampler_weights_depend_only_on_the_pretrain_seed():
+    """A cached pretrained sampler must be a function of its cache key: its initial weights may
+    not depend on how much of the global RNG something else consumed before."""
+    import torch
+
+    from sftrl.components import fresh_sampler
+    from sftrl.config import load
+
+    cfg = load(REPO / "configs" / "smoke.yaml")
+    torch.manual_seed(123)
+    a = fresh_sampler(cfg, (2,)).state_dict()
+    torch.rand(1000)
+    b = fresh_sampler(cfg, (2,)).state_dict()
+    c = fresh_sampler(load(REPO / "configs" / "smoke.yaml", ["pretrain.seed=1"]), (2,)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
