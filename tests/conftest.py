@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -24,4 +25,17 @@ def run_cli(args: list[str], *, cwd: Path = REPO, timeout: float = 300, env: dic
     full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
+
+
+def assert_close(actual, expected, rtol=0.0, atol=0.0):
+    """|actual - expected| <= atol + rtol |expected| elementwise, compared in float64.
+
+    (torch.testing.assert_close imports torch.distributed on first use, ~2 s per test file.)
+    """
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
+    diff = (actual - expected).abs()
+    assert bool((diff <= atol + rtol * expected.abs()).all()), (
+        f"max abs diff {diff.max().item():.3e}"
     )

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_close
 from sftrl.algos import losses, make_algorithm
 from sftrl.buffer import ReplayBuffer, TrajectoryBlock, block_transitions
 from sftrl.config import AlgoConfig
@@ -29,17 +30,6 @@ T = 10
 HID = 16
 
 
-def assert_close(actual, expected, rtol=0.0, atol=0.0):
-    """|actual - expected| <= atol + rtol |expected| elementwise, compared in float64.
-
-    (torch.testing.assert_close imports torch.distributed on first use, ~2 s per test file.)
-    """
-    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
-    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
-    diff = (actual - expected).abs()
-    assert bool((diff <= atol + rtol * expected.abs()).all()), (
-        f"max abs diff {diff.max().item():.3e}"
-    )
 
 
 # ---------------------------------------------------------------- helpers

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_close
 from sftrl.algos import losses
 from sftrl.diffusion.schedules import StepTables
 from sftrl.diffusion.step import denoise_step, rollout
@@ -15,17 +16,6 @@ torch.set_num_threads(1)
 F64 = torch.float64
 
 
-def assert_close(actual, expected, rtol=0.0, atol=0.0):
-    """|actual - expected| <= atol + rtol |expected| elementwise, compared in float64.
-
-    (torch.testing.assert_close imports torch.distributed on first use, ~2 s per test file.)
-    """
-    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
-    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
-    diff = (actual - expected).abs()
-    assert bool((diff <= atol + rtol * expected.abs()).all()), (
-        f"max abs diff {diff.max().item():.3e}"
-    )
 
 
 def t64(values, requires_grad=False):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_close
 from sftrl.diffusion.betas import alphas_cumprod, make_betas
 from sftrl.diffusion.pretrain import eps_mse_loss, q_sample
 from sftrl.diffusion.schedules import SCHEDULE_NAMES, make_schedule
@@ -20,17 +21,6 @@ from sftrl.models.toy import ToySampler
 torch.set_num_threads(1)
 
 
-def assert_close(actual, expected, rtol=0.0, atol=0.0):
-    """|actual - expected| <= atol + rtol |expected| elementwise, compared in float64.
-
-    (torch.testing.assert_close imports torch.distributed on first use, ~2 s per test file.)
-    """
-    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
-    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
-    diff = (actual - expected).abs()
-    assert bool((diff <= atol + rtol * expected.abs()).all()), (
-        f"max abs diff {diff.max().item():.3e}"
-    )
 
 
 class PointMassDenoiser(nn.Module):
