@@ -107,6 +107,7 @@ def make_learner(cfg: Config, init: InitState) -> Learner:
         data_shape=init.data_shape,
         device=resolve_device(cfg),
         seed=cfg.seed * 7919 + 1,
+        lr_decay_phases=cfg.trainer.iterations if a.policy_lr_decay == "linear" else None,
     )
 
 

@@ -100,6 +100,9 @@ class AlgoConfig:
     policy_lr: float = doc_field(5e-5, "Adam learning rate of the sampler (toy 5e-5, images 1e-6).")
     critic_lr: float = doc_field(1e-3, "Adam learning rate of the critic (toy 1e-3, images 1e-4).")
     baseline_lr: float = doc_field(1e-3, "Adam learning rate of the baseline (toy 1e-3, images 1e-4).")
+    policy_lr_decay: Literal["constant", "linear"] = doc_field(
+        "constant", "Sampler learning rate over the run: constant (the paper) or linear decay to 0 at the last iteration."
+    )
     ppo_clip: float = doc_field(0.2, "ppo: clip range of the importance ratio.")
     ppo_epochs: int = doc_field(2, "ppo: passes over the buffer per iteration.")
 

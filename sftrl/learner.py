@@ -41,6 +41,7 @@ class Learner:
         data_shape: tuple[int, ...],
         device: str = "cpu",
         seed: int = 0,
+        lr_decay_phases: int | None = None,
     ):
         self.device = torch.device(device)
         # Eval mode: dropout would make the re-scored log-prob differ from the rollout's (the
@@ -48,6 +49,12 @@ class Learner:
         self.policy = policy.to(self.device).eval()
         self.algorithm = algorithm
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr)
+        # Linear decay to 0 over ``lr_decay_phases`` generator phases (None: constant, the paper).
+        self.lr_schedule = (
+            torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda phase: max(0.0, 1.0 - phase / lr_decay_phases))
+            if lr_decay_phases
+            else None
+        )
         self.ctx = PolicyContext(
             policy=self.policy,
             optimizer=self.optimizer,
@@ -83,6 +90,8 @@ class Learner:
         self.set_critic_weights(*critic_weights)
         metrics = self.algorithm.update(self.ctx, data)
         self.version += 1
+        if self.lr_schedule is not None:
+            self.lr_schedule.step()
         return metrics
 
     def state_dict(self) -> dict:
@@ -91,6 +100,7 @@ class Learner:
             "optimizer": self.optimizer.state_dict(),
             "generator": self.ctx.generator.get_state(),
             "version": self.version,
+            "lr_schedule": self.lr_schedule.state_dict() if self.lr_schedule is not None else {},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -98,3 +108,5 @@ class Learner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.ctx.generator.set_state(state["generator"])
         self.version = state["version"]
+        if self.lr_schedule is not None and state.get("lr_schedule"):
+            self.lr_schedule.load_state_dict(state["lr_schedule"])

@@ -261,3 +261,23 @@ def test_sigint_checkpoints_stops_cleanly_and_resume_continues(tmp_path, cache_d
     assert code == 0
     lines = [json.loads(x)["iteration"] for x in metrics.read_text().splitlines() if "critic/ipm_gap" in x]
     assert lines == list(range(1, stopped_at + 6))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)` before")  # no optimiser step needed here
+def test_linear_policy_lr_decay_reaches_zero_and_survives_a_resume():
+    from sftrl.components import fresh_sampler, make_learner
+
+    cfg = load(SMOKE, ["algo.policy_lr_decay=linear", "trainer.iterations=4", "algo.policy_lr=1e-3"])
+    init = InitState(to_numpy_state(fresh_sampler(cfg, (2,))), (2,))
+    learner = make_learner(cfg, init)
+    lrs = []
+    for _ in range(2):
+        learner.lr_schedule.step()
+        lrs.append(learner.optimizer.param_groups[0]["lr"])
+    resumed = make_learner(cfg, init)
+    resumed.load_state_dict(learner.state_dict())
+    for _ in range(2):
+        resumed.lr_schedule.step()
+        lrs.append(resumed.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
+    assert make_learner(load(SMOKE), init).lr_schedule is None  # the paper's constant rate by default
