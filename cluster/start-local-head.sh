@@ -13,7 +13,15 @@ export RAY_USAGE_STATS_ENABLED=0
 # stop) must then agree on RAY_AUTH_MODE. On loopback we default to disabled; export
 # RAY_AUTH_MODE=token for every command to keep tokens on.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
-exec ray start --head \
+# The `ray` CLI, or SFTRL_RAY (e.g. "python3 -m ray.scripts.scripts") to pin the interpreter.
+if [ -n "${SFTRL_RAY:-}" ]; then
+  read -r -a RAY <<< "$SFTRL_RAY"
+elif command -v ray > /dev/null; then
+  RAY=(ray)
+else
+  RAY=(python3 -m ray.scripts.scripts)
+fi
+exec "${RAY[@]}" start --head \
   --node-ip-address=127.0.0.1 \
   --port="${SFTRL_GCS_PORT:-6379}" \
   --dashboard-host=127.0.0.1 \

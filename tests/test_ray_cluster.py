@@ -68,6 +68,7 @@ def local_head(tmp_path_factory):
         "RAY_USAGE_STATS_ENABLED": "0",
         "SFTRL_GCS_PORT": str(gcs_port),
         "SFTRL_DASHBOARD_PORT": str(dash_port),
+        "SFTRL_RAY": f"{sys.executable} -m ray.scripts.scripts",  # the interpreter running the tests
     }
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
     head = subprocess.Popen(
