@@ -89,8 +89,19 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="~/.cache/sftrl/pretrained")
     parser.add_argument("--pretrain-epochs", type=int, default=2000, help="DDPM T = 100/1000 rows (default: the paper's 2000)")
     parser.add_argument("--skip-ddpm", action="store_true", help="only the fine-tuning rows and the overhead")
+    parser.add_argument("--only", choices=("all", "overhead"), default="all",
+                        help="overhead: only the Ray-overhead measurement (a few minutes)")
     args = parser.parse_args()
     start = time.monotonic()
+    if args.only == "overhead":
+        with tempfile.TemporaryDirectory() as tmp:
+            overhead = ray_overhead(Path(tmp), args.cache_dir)
+        overhead["benchmark_wall_s"] = time.monotonic() - start
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(overhead, indent=2))
+        print(json.dumps(overhead, indent=2))
+        return
     paper = {"DDPM T = 10": "8.29", "DDPM T = 100": "2.36", "DDPM T = 1000": "1.78", "SFT-PG (B) T = 10": "0.64"}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,6 +27,8 @@ class Handle(Protocol):
 
     def resolve(self, futures: Any) -> Any: ...
 
+    def ping(self) -> None: ...
+
 
 class LocalHandle:
     """Runs methods in this process; futures are plain values."""
@@ -45,3 +47,6 @@ class LocalHandle:
 
     def resolve(self, futures: Any) -> Any:
         return futures
+
+    def ping(self) -> None:
+        """Raise ComponentLost if the component is gone (a local object never is)."""

@@ -50,6 +50,20 @@ def build_local_system(cfg: Config, init, real_data=None) -> System:
     )
 
 
+@dataclasses.dataclass
+class Rollouts:
+    """One critic phase's rollout requests: block ids (fixed per iteration) and pending calls."""
+
+    ids: list[str]
+    policy_weights: Any
+    calls: list[tuple[Any, list[str], Any]] = dataclasses.field(default_factory=list)
+
+    def blocks(self) -> list[Any]:
+        """Block futures in id order."""
+        by_id = {i: block for _, worker_ids, out in self.calls for i, block in zip(worker_ids, out[:-1])}
+        return [by_id[i] for i in self.ids]
+
+
 class RolloutError(RuntimeError):
     """Rollouts failed on every retry."""
 
@@ -167,68 +181,74 @@ class Trainer:
         """The learner's current theta as one object (one ``ray.put`` per version)."""
         return self.system.learner.call("get_weights")
 
-    def collect_rollouts(self, policy_weights: Any) -> list[Any]:
-        """n_critic blocks of m chains, spread over the workers, added to the buffer.
-
-        A worker lost mid-call (Ray restarts it, up to ``rollout.max_restarts``) has its block
-        ids handed out again; block ids are fixed per iteration, so a block is never counted twice
-        and never silently dropped. The healthy workers' blocks are kept.
-        """
+    def collect_rollouts(self, policy_weights: Any) -> Rollouts:
+        """Ask the workers for n_critic blocks of m chains (not waited for: the critic's call
+        takes the block references directly)."""
         a = self.cfg.algo
-        ids = [f"it{self.iteration}/b{k}" for k in range(a.n_critic)]
-        workers = self.system.workers
-        blocks: dict[str, Any] = {}
-        summaries: list[dict] = []
-        pending = ids
+        rollouts = Rollouts(ids=[f"it{self.iteration}/b{k}" for k in range(a.n_critic)], policy_weights=policy_weights)
+        self._submit(rollouts, rollouts.ids, self.system.workers)
+        return rollouts
+
+    def _submit(self, rollouts: Rollouts, ids: list[str], workers: list[Handle]) -> None:
+        a = self.cfg.algo
+        for i, worker in enumerate(workers):
+            worker_ids = ids[i :: len(workers)]
+            if worker_ids:
+                out = worker.call("collect", rollouts.policy_weights, self._critic_weights, worker_ids, a.batch_size,
+                                  num_returns=len(worker_ids) + 1)
+                rollouts.calls.append((worker, worker_ids, out))
+
+    def _recover(self, rollouts: Rollouts) -> None:
+        """After a failed critic call: name a dead learner or critic, else find the rollout calls
+        whose worker died and hand their block ids to the workers that delivered (then the rest).
+
+        Block ids are fixed per iteration, so a block is never counted twice nor silently dropped.
+        """
+        self.system.learner.ping()  # raises ComponentLost naming the learner if it is gone
+        self.system.critic.ping()
+        failed, healthy, lost = [], [], []
+        for worker, worker_ids, out in rollouts.calls:
+            try:
+                worker.resolve(out[-1])
+                healthy.append(worker)
+            except ComponentLost as err:
+                self.counters["worker_failures"] += 1
+                self.events.append({"iteration": self.iteration, "event": "worker_lost", "detail": str(err)})
+                failed.extend(worker_ids)
+                lost.append(worker)
+        if not failed:
+            raise RolloutError("the critic update failed but every rollout call succeeded")
+        rollouts.calls = [c for c in rollouts.calls if c[0] in healthy]
+        self._submit(rollouts, failed, healthy + [w for w in self.system.workers if w not in healthy])
+
+    def update_critic(self, rollouts: Rollouts) -> list[dict[str, float]]:
+        """One critic + baseline update per block (Eq. 23 or Eq. 22); then the blocks go into the
+        buffer. A lost rollout worker fails this call before the critic moves; the lost blocks
+        are collected again (up to ``rollout.max_restarts`` times)."""
+        critic = self.system.critic
         for _attempt in range(self.cfg.rollout.max_restarts + 1):
-            assignment = [(w, pending[i :: len(workers)]) for i, w in enumerate(workers)]
-            # On a retry the workers that just delivered come first; a restarting one last.
-            calls = [
-                (w, worker_ids, w.call("collect", policy_weights, self._critic_weights, worker_ids, a.batch_size,
-                                       num_returns=len(worker_ids) + 1))
-                for w, worker_ids in assignment
-                if worker_ids
-            ]
-            failed: list[str] = []
-            for worker, worker_ids, out in calls:
-                try:
-                    summaries.append(worker.resolve(out[-1]))
-                except ComponentLost as err:
-                    # A dead learner or critic fails every call that takes its weights: blame it,
-                    # not the worker (these raise ComponentLost naming the learner or the critic).
-                    self.system.learner.resolve(policy_weights)
-                    self.system.critic.resolve(self._critic_weights)
-                    self.counters["worker_failures"] += 1
-                    self.events.append({"iteration": self.iteration, "event": "worker_lost", "detail": str(err)})
-                    failed.extend(worker_ids)
-                    continue
-                blocks.update(zip(worker_ids, out[:-1]))
-            if not failed:
+            blocks = rollouts.blocks()
+            try:
+                metrics = critic.resolve(critic.call("update_blocks", *blocks))
                 break
-            pending = failed
-            lost = {id(worker) for worker, worker_ids, _ in calls if worker_ids[0] in failed}
-            workers = [w for w in workers if id(w) not in lost] + [w for w in workers if id(w) in lost]
+            except ComponentLost:
+                self._recover(rollouts)
         else:
             raise RolloutError(
-                f"rollout blocks {pending} failed {self.cfg.rollout.max_restarts + 1} times "
-                "(rollout.max_restarts); the workers keep dying"
+                f"rollout blocks failed {self.cfg.rollout.max_restarts + 1} times (rollout.max_restarts); "
+                "the workers keep dying"
             )
-        ordered = [blocks[i] for i in ids]
+        self._count_nonfinite(metrics, "critic")
+        a = self.cfg.algo
         if self.data_need != "none":
-            self.system.buffer.call("add_many", ordered, [self._meta(block_id) for block_id in ids])
-        self.counters["blocks"] += len(ordered)
-        self.counters["chains"] += len(ordered) * a.batch_size
-        self.counters["transitions"] += len(ordered) * a.batch_size * len(self._steps())
+            self.system.buffer.call("add_many", blocks, [self._meta(block_id) for block_id in rollouts.ids])
+        self.counters["blocks"] += len(blocks)
+        self.counters["chains"] += len(blocks) * a.batch_size
+        self.counters["transitions"] += len(blocks) * a.batch_size * len(self._steps())
+        summaries = [worker.resolve(out[-1]) for worker, _, out in rollouts.calls]  # done by now
         self._rollout_reward = sum(s["reward_mean"] for s in summaries) / len(summaries)
         # Versions the rollouts ran behind the learner (0 in sync mode; the metric to watch in async).
         self._weights_lag = self.iteration - min(s["policy_version"] for s in summaries)
-        return ordered
-
-    def update_critic(self, blocks: list[Any]) -> list[dict[str, float]]:
-        """One critic + baseline update per block (Eq. 23 or Eq. 22)."""
-        critic = self.system.critic
-        metrics = critic.resolve(critic.call("update_blocks", *blocks))
-        self._count_nonfinite(metrics, "critic")
         return metrics
 
     def publish_critic(self) -> Any:
@@ -251,7 +271,8 @@ class Trainer:
         return metrics
 
     def clear_buffer(self) -> None:
-        self.system.buffer.resolve(self.system.buffer.call("clear"))
+        # Not waited for: calls from one caller to an actor run in order, so the next add comes after.
+        self.system.buffer.call("clear")
 
     # -- bookkeeping ----------------------------------------------------------------------------
 

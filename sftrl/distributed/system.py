@@ -51,7 +51,10 @@ class RayHandle:
             raise ComponentLost(self.name, str(err).splitlines()[0]) from err
 
     def node_id(self) -> str:
-        return ray.get(self.actor.node_id.remote())
+        return self.resolve(self.actor.node_id.remote())
+
+    def ping(self) -> None:
+        self.node_id()
 
 
 def init_ray(cfg: Config) -> bool:
