@@ -50,6 +50,11 @@ def build_local_system(cfg: Config, init, real_data=None) -> System:
     )
 
 
+# How long to wait for Ray to restart a rollout worker when none is left (a restart re-imports
+# torch and rebuilds the networks: seconds on an idle machine, much longer on a loaded one).
+WORKER_RESTART_WAIT_S = 120.0
+
+
 @dataclasses.dataclass
 class Rollouts:
     """One critic phase's rollout requests: block ids (fixed per iteration) and pending calls."""
@@ -218,8 +223,23 @@ class Trainer:
                 lost.append(worker)
         if not failed:
             raise RolloutError("the critic update failed but every rollout call succeeded")
+        if not healthy:
+            healthy = self._wait_for_a_worker(lost)
         rollouts.calls = [c for c in rollouts.calls if c[0] in healthy]
         self._submit(rollouts, failed, healthy + [w for w in self.system.workers if w not in healthy])
+
+    def _wait_for_a_worker(self, workers: list[Handle]) -> list[Handle]:
+        """Every worker was lost: wait (bounded) until Ray has restarted one of them."""
+        deadline = time.monotonic() + WORKER_RESTART_WAIT_S
+        while time.monotonic() < deadline:
+            for worker in workers:
+                try:
+                    worker.ping()
+                    return [worker]
+                except ComponentLost:
+                    continue
+            time.sleep(1.0)
+        raise RolloutError(f"no rollout worker came back within {WORKER_RESTART_WAIT_S:.0f} s")
 
     def update_critic(self, rollouts: Rollouts) -> list[dict[str, float]]:
         """One critic + baseline update per block (Eq. 23 or Eq. 22); then the blocks go into the

@@ -101,7 +101,8 @@ def test_killed_rollout_worker_is_restarted_and_no_block_is_lost_or_doubled(loca
     assert buffer_state["blocks_added"] == 5 * 4  # each block id exactly once
     assert ray.get(system.learner.call("get_weights"))[0] == 5
     assert np.isfinite(metrics["critic/ipm_gap"])
-    # the restarted worker pulled the current weights and keeps working
+    # the restarted worker pulled the current weights and keeps working (once its restart is over)
+    _wait_until_alive(victim)
     out = victim.call("collect", system.learner.call("get_weights"), system.critic.call("get_weights"), ["x/0"], 8,
                       num_returns=2)
     assert ray.get(out[-1])["policy_version"] == 5
@@ -282,3 +283,17 @@ def test_linear_policy_lr_decay_reaches_zero_and_survives_a_resume():
         lrs.append(resumed.optimizer.param_groups[0]["lr"])
     assert lrs == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
     assert make_learner(load(SMOKE), init).lr_schedule is None  # the paper's constant rate by default
+
+
+def _wait_until_alive(handle, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            handle.ping()
+            return
+        except ComponentLost:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
