@@ -73,8 +73,8 @@ def score(method: str, sampler, schedule, real, extractor, num_samples: int, see
 
 
 def fmt(row: dict) -> str:
-    return (f"| {row['method']} | {row['steps']} | {row['fid']:.2f} | {row['kid_mean'] * 1e3:.2f} ± "
-            f"{row['kid_std'] * 1e3:.2f} | {row['num_fake']} | {row['eval_seconds']:.0f} |")
+    return (f"| {row['method']} | {row['steps']} | {row['fid']:.2f} | {row['kid_mean']:.4g} ± "
+            f"{row['kid_std']:.2g} | {row['num_fake']} | {row['eval_seconds']:.0f} |")
 
 
 def main() -> None:
@@ -150,7 +150,7 @@ def main() -> None:
         f"(held-out accuracy {extractor.heldout_accuracy:.3f}). Data-vs-data floor (two halves): "
         f"FID {floor['fid']:.2f}.",
         "",
-        "| sampler | steps | FID | KID (x1e-3) | samples | eval s |",
+        "| sampler | steps | FID | KID (feature units) | samples | eval s |",
         "|---|---|---|---|---|---|",
         *map(fmt, rows),
         "",
