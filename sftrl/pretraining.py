@@ -24,6 +24,7 @@ from torch import nn
 from sftrl.config import Config, pretrain_key
 from sftrl.configtools import to_dict
 from sftrl.diffusion.betas import alphas_cumprod, make_betas
+from sftrl.diffusion.pretrain import eps_mse
 from sftrl.models.unet import CheckpointMismatchError, load_ddim_checkpoint
 from sftrl.progress import Progress
 
@@ -81,7 +82,7 @@ def pretrain_sampler(
             total = torch.zeros((), device=device)
             for start in range(0, len(x), batch_size):
                 idx = perm[start : start + batch_size]
-                loss, _ = _eps_mse(model, x[idx], abar, t_all[start : start + batch_size], noise_all[idx])
+                loss = eps_mse(model, x[idx], abar, t_all[start : start + batch_size], noise_all[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -101,14 +102,6 @@ def pretrain_sampler(
             for p, average in zip(params, ema):
                 p.copy_(average)
     return {"epoch_loss": history, "seconds": seconds, "ema_decay": ema_decay}
-
-
-def _eps_mse(model, x_0, abar, t, noise):
-    # eps_mse_loss's metrics call .item() (a sync per step); pretraining only needs the loss.
-    from sftrl.diffusion.pretrain import q_sample
-
-    x_t = q_sample(x_0, abar, t, noise)
-    return (model(x_t, t.to(x_0.dtype)) - noise).pow(2).mean(), None
 
 
 def unet_architecture(cfg: Config) -> dict:

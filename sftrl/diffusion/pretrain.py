@@ -28,6 +28,14 @@ def q_sample(
     return abar.sqrt() * x_0 + (1.0 - abar).sqrt() * noise
 
 
+def eps_mse(
+    model: nn.Module, x_0: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """The loss tensor of ``eps_mse_loss`` without its metrics (no host sync: the training loop's form)."""
+    x_t = q_sample(x_0, alphas_cumprod, t, noise)
+    return (model(x_t, t.to(x_0.dtype)) - noise).pow(2).mean()
+
+
 def eps_mse_loss(
     model: nn.Module,
     x_0: torch.Tensor,
@@ -36,6 +44,5 @@ def eps_mse_loss(
     noise: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """mean |eps_theta(x_t, t) - noise|^2 over batch and dims; returns ``(loss, metrics)``."""
-    x_t = q_sample(x_0, alphas_cumprod, t, noise)
-    loss = (model(x_t, t.to(x_0.dtype)) - noise).pow(2).mean()
+    loss = eps_mse(model, x_0, alphas_cumprod, t, noise)
     return loss, {EPS_MSE: loss.item()}
