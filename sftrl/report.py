@@ -45,6 +45,19 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def image_table(rows: list[dict]) -> str:
+    """FID/KID rows of an image run, with the feature extractor named (never passed off as Inception)."""
+    if "fid_skipped" in rows[0]:
+        return rows[0]["fid_skipped"] + "."
+    lines = ["| sampler | iteration | FID | KID mean ± std | samples | real images |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['sampler']} | {r['iteration']} | {r['fid']:.2f} | {r['kid_mean']:.4g} ± {r['kid_std']:.2g} "
+            f"| {r['num_fake']} | {r['num_real']} |"
+        )
+    return "\n".join([*lines, "", f"Feature extractor: {rows[0]['extractor']}."])
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -130,11 +143,16 @@ def write_report(
         "",
         "## Evaluation",
         "",
-        markdown_table(rows) if rows else "(no evaluation for this data set)",
+        ((markdown_table(rows) if cfg.is_toy else image_table(rows)) if rows else "(no evaluation for this data set)"),
         "",
-        "SW2 is POT's sliced 2-Wasserstein (100 projections, p = 2) between "
-        f"{cfg.trainer.eval_samples} samples and as many fresh data points, over {cfg.trainer.eval_draws} draws; "
-        "the noise floor is the same statistic between two independent data draws.",
+        (
+            "SW2 is POT's sliced 2-Wasserstein (100 projections, p = 2) between "
+            f"{cfg.trainer.eval_samples} samples and as many fresh data points, over {cfg.trainer.eval_draws} draws; "
+            "the noise floor is the same statistic between two independent data draws."
+            if cfg.is_toy
+            else f"FID and KID (torchmetrics) of {cfg.trainer.eval_samples} samples from a fixed seed against the "
+            "training images (at most 50,000)."
+        ),
         "",
         "## Run",
         "",

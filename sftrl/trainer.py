@@ -385,7 +385,8 @@ class Trainer:
                     self.log.write({"iteration": self.iteration, **metrics, **{f"counters/{k}": v for k, v in self.counters.items()}})
                 postfix = {"ipm": metrics.get("critic/ipm_gap", float("nan"))}
                 if t.eval_every and self.iteration % t.eval_every == 0 and self.iteration < t.iterations:
-                    postfix["sw2"] = self.evaluate().get("sw2_mean", float("nan"))
+                    result = self.evaluate()
+                    postfix["sw2" if "sw2_mean" in result else "fid"] = result.get("sw2_mean", result.get("fid", float("nan")))
                 if t.checkpoint_every and self.iteration % t.checkpoint_every == 0 and self.iteration < t.iterations:
                     self.checkpoint()
                 bar.update(1, **postfix)
