@@ -99,15 +99,6 @@ class StepTables:
     coef_x: torch.Tensor
     coef_eps: torch.Tensor
 
-    def to(self, device: torch.device | str) -> StepTables:
-        return dataclasses.replace(
-            self,
-            tau=self.tau.to(device),
-            sigma=self.sigma.to(device),
-            coef_x=self.coef_x.to(device),
-            coef_eps=self.coef_eps.to(device),
-        )
-
 
 # ---------------------------------------------------------------------------------------------
 # Step coefficients (pure functions of gamma-bar values)

@@ -85,7 +85,6 @@ def build_ray_system(cfg: Config, init: components.InitState) -> System:
     r = cfg.rollout
     workers = [
         actor.options(
-            name=None,
             num_cpus=r.num_cpus_per_worker,
             num_gpus=r.num_gpus_per_worker,
             max_restarts=r.max_restarts,
