@@ -35,6 +35,7 @@ from sftrl.config import Config, load
 from sftrl.data import load_real_data
 from sftrl.diffusion.schedules import make_schedule
 from sftrl.evaluation import ImageEvalSettings, ImageEvaluator, extractor_cache_dir
+from sftrl.learner import sampler_state_dict
 from sftrl.metrics.fid import digits_extractor, fid_kid
 from sftrl.models import build_unet
 from sftrl.pretraining import load_or_pretrain
@@ -111,7 +112,7 @@ def main() -> None:
         run_dir = Path(tmp) / "digits"
         report, run_wall = run_sftrl(overrides, run_dir)
         state = load_checkpoint(latest_checkpoint(run_dir))
-    sampler.load_state_dict(state["learner"]["policy"])
+    sampler.load_state_dict(sampler_state_dict(state["learner"]))
     tuned = score(f"SFT-PG (B) T' = {cfg.diffusion.steps}", sampler, schedule_of(cfg), real, extractor, n, seed)
     tuned |= {"iterations": report["iterations"], "run_wall_s": run_wall, "fine_tune_wall_s": report["wall_s"],
               "run_report_evaluations": report["evaluations"]}

@@ -151,6 +151,20 @@ class ReplayBuffer:
         for handle, meta in zip(handles, metas, strict=True):
             self.add(handle, meta)
 
+    def discard(self, block_ids: Sequence[str]) -> int:
+        """Forget blocks whose rollouts were lost before they were used: they are not counted as
+        added and may be added again once collected anew. Returns how many were dropped."""
+        drop = set(block_ids)
+        keep = [(h, m) for h, m in self._entries if m.block_id not in drop]
+        for _, meta in self._entries:
+            if meta.block_id in drop:
+                self._seen.discard(meta.block_id)
+                self.blocks_added -= 1
+                self.transitions_added -= meta.num_transitions
+        dropped = len(self._entries) - len(keep)
+        self._entries = keep
+        return dropped
+
     def add_blocks(self, blocks: Sequence[TrajectoryBlock]) -> None:
         for block in blocks:
             self.add(block, block.meta())

@@ -61,6 +61,7 @@ def _load_run(run_dir: str, checkpoint: str | None):
 
     from sftrl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
     from sftrl.config import load
+    from sftrl.learner import sampler_state_dict
     from sftrl.models import build_networks
 
     run = Path(run_dir)
@@ -71,7 +72,7 @@ def _load_run(run_dir: str, checkpoint: str | None):
     if path is None:
         raise CheckpointError(f"run directory '{run}' has no checkpoint yet")
     state = load_checkpoint(path)
-    policy = state["learner"]["policy"]
+    policy = sampler_state_dict(state["learner"])
     data_shape = _data_shape(cfg, policy)
     sampler, _, _ = build_networks(cfg, data_shape)
     sampler.load_state_dict(policy)

@@ -108,6 +108,7 @@ def make_learner(cfg: Config, init: InitState) -> Learner:
         device=resolve_device(cfg),
         seed=cfg.seed * 7919 + 1,
         lr_decay_phases=cfg.trainer.iterations if a.policy_lr_decay == "linear" else None,
+        ema_decay=a.ema_decay,
     )
 
 

@@ -58,9 +58,9 @@ class DiffusionConfig:
 class ModelConfig:
     sampler: Literal["toy-mlp", "unet"] = doc_field("toy-mlp", "The eps-prediction network.")
     hidden: int = doc_field(128, "Toy sampler: hidden width of the 4-layer MLP.")
-    critic_hidden: tuple[int, ...] = doc_field((256, 256), "Toy critic: hidden widths (paper 128, code 256).")
+    critic_hidden: tuple[int, ...] = doc_field((128, 128), "Toy critic: hidden widths (paper F.1: 128; the authors' code: 256).")
     baseline_hidden: tuple[int, ...] = doc_field(
-        (256, 256), "Baseline hidden widths (toy: (256, 256); images, the paper: (1024, 1024, 256))."
+        (128, 128), "Baseline hidden widths (toy, the paper: (128, 128); images, the paper: (1024, 1024, 256))."
     )
     critic_channels: tuple[int, ...] = doc_field(
         (256, 512, 1024), "Image critic: channels of its three stride-2 convs (paper 256-512-1024; code 128-256-512)."
@@ -102,6 +102,9 @@ class AlgoConfig:
     baseline_lr: float = doc_field(1e-3, "Adam learning rate of the baseline (toy 1e-3, images 1e-4).")
     policy_lr_decay: Literal["constant", "linear"] = doc_field(
         "constant", "Sampler learning rate over the run: constant (the paper) or linear decay to 0 at the last iteration."
+    )
+    ema_decay: float = doc_field(
+        0.0, "Decay of the moving average of the sampler weights that evaluation and `sftrl sample` use (0: none, use the last weights)."
     )
     ppo_clip: float = doc_field(0.2, "ppo: clip range of the importance ratio.")
     ppo_epochs: int = doc_field(2, "ppo: passes over the buffer per iteration.")
@@ -187,6 +190,7 @@ class Config:
             need(getattr(a, key) > 0, f"algo.{key}", getattr(a, key), "must be > 0")
         for key in ("lam", "gp_eta"):
             need(getattr(a, key) >= 0, f"algo.{key}", getattr(a, key), "must be >= 0")
+        need(0 <= a.ema_decay < 1, "algo.ema_decay", a.ema_decay, "must be in [0, 1) (0: no average)")
         need(a.max_grad_norm is None or a.max_grad_norm > 0, "algo.max_grad_norm", a.max_grad_norm, "must be > 0 or null")
         need(t.iterations >= 0, "trainer.iterations", t.iterations, "must be >= 0")
         for key in ("eval_every", "checkpoint_every", "exact_w2_points"):

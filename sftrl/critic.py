@@ -69,8 +69,8 @@ class CriticLearner:
         self.regulariser = regulariser
         self.lam = lam
         self.gp_eta = gp_eta
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=critic_lr)
-        self.baseline_opt = torch.optim.Adam(self.baseline.parameters(), lr=baseline_lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=critic_lr, foreach=True)
+        self.baseline_opt = torch.optim.Adam(self.baseline.parameters(), lr=baseline_lr, foreach=True)
         self.generator = torch.Generator().manual_seed(seed)
         self.version = 0
 
@@ -81,6 +81,11 @@ class CriticLearner:
     def update_blocks(self, *blocks: TrajectoryBlock) -> list[dict[str, float]]:
         """``update`` with the blocks as separate arguments (Ray resolves each reference)."""
         return self.update(blocks)
+
+    def update_and_publish(self, *blocks: TrajectoryBlock) -> tuple[list[dict[str, float]], tuple]:
+        """One critic phase, then the new weights: ``(metrics, get_weights())``. As two return
+        values of one Ray call, the weights reach the learner without a trip through the driver."""
+        return self.update(blocks), self.get_weights()
 
     def _update_one(self, block: TrajectoryBlock) -> dict[str, float]:
         xs = torch.as_tensor(block.xs, device=self.device)  # (S + 1, m, *D)

@@ -55,6 +55,7 @@ class ToyEvaluator:
         self.data_fn = data_fn
         self.data_shape = tuple(data_shape)
         self.settings = settings
+        self._floors: tuple[float, ...] | None = None  # data-vs-data: the same at every evaluation
 
     def sample(self, weights: NumpyState | None, n: int, seed: int) -> np.ndarray:
         if weights is not None:
@@ -73,7 +74,9 @@ class ToyEvaluator:
             n=s.num_samples,
             draws=s.draws,
             seed=s.seed,
+            floors=self._floors,
         )
+        self._floors = report.floor_draws
         out = {
             "sw2_mean": report.mean,
             "sw2_std": report.std,

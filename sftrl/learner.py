@@ -6,12 +6,23 @@ import copy
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from sftrl.algos.base import PolicyAlgorithm, PolicyContext
 from sftrl.buffer import TransitionBatch
 from sftrl.diffusion.schedules import SamplingSchedule
 from sftrl.diffusion.step import Reduction
 from sftrl.weights import NumpyState, load_numpy_state, to_numpy_state
+
+
+def sampler_state_dict(learner_state: dict) -> dict:
+    """The weights to sample from in a checkpoint's learner state: the EMA when the run kept one
+    (``algo.ema_decay > 0``), else the trained policy."""
+    ema = learner_state.get("ema")
+    if not ema:
+        return learner_state["policy"]
+    prefix = "module."
+    return {k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)}
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -22,7 +33,12 @@ def _frozen(module: nn.Module) -> nn.Module:
 
 
 class Learner:
-    """Owns theta. ``update_policy`` runs one generator phase and bumps the weights version."""
+    """Owns theta. ``update_policy`` runs one generator phase and bumps the weights version.
+
+    With ``ema_decay > 0`` it also keeps an exponential moving average of theta (updated after
+    every generator phase): rollouts use theta itself (the gradient is on-policy), evaluation,
+    pictures and ``sftrl sample`` use the average, which smooths the policy-gradient noise.
+    """
 
     def __init__(
         self,
@@ -42,13 +58,14 @@ class Learner:
         device: str = "cpu",
         seed: int = 0,
         lr_decay_phases: int | None = None,
+        ema_decay: float = 0.0,
     ):
         self.device = torch.device(device)
         # Eval mode: dropout would make the re-scored log-prob differ from the rollout's (the
         # ratio must be exactly 1 before an update); gradients flow all the same.
         self.policy = policy.to(self.device).eval()
         self.algorithm = algorithm
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr, foreach=True)
         # Linear decay to 0 over ``lr_decay_phases`` generator phases (None: constant, the paper).
         self.lr_schedule = (
             torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda phase: max(0.0, 1.0 - phase / lr_decay_phases))
@@ -70,12 +87,23 @@ class Learner:
             generator=torch.Generator(device=self.device).manual_seed(seed),
             device=self.device,
         )
+        self.ema = (
+            AveragedModel(self.policy, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            if ema_decay
+            else None
+        )
+        if self.ema is not None:
+            self.ema.update_parameters(self.policy)  # the first call copies: the average starts at theta_0
         self.version = 0
         self.critic_version = -1
 
     def get_weights(self) -> tuple[int, NumpyState]:
-        """``(version, policy state)`` as numpy arrays."""
+        """``(version, policy state)`` as numpy arrays: what the rollout workers run."""
         return self.version, to_numpy_state(self.policy)
+
+    def get_sampler_weights(self) -> tuple[int, NumpyState]:
+        """``(version, state)`` of the sampler to evaluate and ship: the EMA if kept, else theta."""
+        return self.version, to_numpy_state(self.ema.module if self.ema is not None else self.policy)
 
     def set_critic_weights(self, version: int, states: dict[str, NumpyState]) -> None:
         if version != self.critic_version:
@@ -90,9 +118,18 @@ class Learner:
         self.set_critic_weights(*critic_weights)
         metrics = self.algorithm.update(self.ctx, data)
         self.version += 1
+        if self.ema is not None:
+            self.ema.update_parameters(self.policy)
         if self.lr_schedule is not None:
             self.lr_schedule.step()
         return metrics
+
+    def update_and_publish(
+        self, data: TransitionBatch | None, critic_weights: tuple[int, dict[str, NumpyState]]
+    ) -> tuple[list[dict[str, float]], tuple[int, NumpyState]]:
+        """One generator phase, then the new weights: ``(metrics, get_weights())`` (the next
+        iteration's rollouts take them straight from this call)."""
+        return self.update_policy(data, critic_weights), self.get_weights()
 
     def state_dict(self) -> dict:
         return {
@@ -101,6 +138,7 @@ class Learner:
             "generator": self.ctx.generator.get_state(),
             "version": self.version,
             "lr_schedule": self.lr_schedule.state_dict() if self.lr_schedule is not None else {},
+            "ema": self.ema.state_dict() if self.ema is not None else {},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -110,3 +148,8 @@ class Learner:
         self.version = state["version"]
         if self.lr_schedule is not None and state.get("lr_schedule"):
             self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if self.ema is not None:
+            if state.get("ema"):
+                self.ema.load_state_dict(state["ema"])
+            else:  # a checkpoint from a run without the average: start it from theta
+                self.ema.module.load_state_dict(state["policy"])

@@ -67,7 +67,7 @@ def pretrain_sampler(
     x = torch.as_tensor(data, dtype=torch.float32, device=device)
     abar = torch.as_tensor(alphas_cumprod(betas), dtype=torch.float32, device=device)
     num_train_steps = len(betas)
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=lr)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=lr, foreach=True)
     generator = torch.Generator(device=device).manual_seed(seed)
     params = list(model.parameters())
     ema = [p.detach().clone() for p in params] if ema_decay is not None else None
@@ -85,7 +85,7 @@ def pretrain_sampler(
                 loss = eps_mse(model, x[idx], abar, t_all[start : start + batch_size], noise_all[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
                 optimizer.step()
                 if ema is not None:
                     decay = min(ema_decay, (1 + steps) / (10 + steps))

@@ -86,7 +86,7 @@ def make_pictures(run_dir: Path, cfg: Config, init, trainer, data, tensorboard=N
     out: dict[str, str] = {}
     out["training curves"] = pictures.training_curves(trainer.log.read(), run_dir / "curves.png").name
     tables = schedule_of(cfg).tables("cpu")
-    version, tuned_state = trainer.system.learner.resolve(trainer.system.learner.call("get_weights"))
+    version, tuned_state = trainer.system.learner.resolve(trainer.system.learner.call("get_sampler_weights"))
 
     def chains(state, n):
         sampler, _, _ = build_networks(cfg, init.data_shape)

@@ -90,6 +90,7 @@ def build_initial_sampler(cfg: Config, data: np.ndarray, progress: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
     args = parse_args(argv)
     try:
         cfg, run_dir, resume_state = prepare(args)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError, CheckpointError, SamplerCheckpointError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    return train(cfg, run_dir, init, pretrain_info, data, resume_state, progress=not args.no_progress)
+    return train(cfg, run_dir, init, pretrain_info, data, resume_state, progress=not args.no_progress, started=started)
 
 
 class StopOnSignal:
@@ -133,7 +134,9 @@ class StopOnSignal:
         )
 
 
-def train(cfg: Config, run_dir: Path, init, pretrain_info: dict, data, resume_state, *, progress: bool) -> int:
+def train(
+    cfg: Config, run_dir: Path, init, pretrain_info: dict, data, resume_state, *, progress: bool, started: float | None = None
+) -> int:
     """Fine-tune and report. Returns 0, 128 + signal when stopped by a signal, 1 on a fatal fault."""
     from sftrl.evaluation import build_evaluator
     from sftrl.handles import ComponentLost
@@ -156,7 +159,13 @@ def train(cfg: Config, run_dir: Path, init, pretrain_info: dict, data, resume_st
         evaluator = build_evaluator(cfg, init)
         tensorboard = TensorBoardLogger(run_dir / "tensorboard")
         trainer = Trainer(
-            cfg, system, run_dir, evaluator.evaluate if evaluator else None, progress=progress, log_sinks=(tensorboard,)
+            cfg,
+            system,
+            run_dir,
+            evaluator.evaluate if evaluator else None,
+            progress=progress,
+            log_sinks=(tensorboard,),
+            started=started,
         )
         start = time.monotonic()
         with StopOnSignal(trainer) as stop:

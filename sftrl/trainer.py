@@ -69,6 +69,15 @@ class Rollouts:
         return [by_id[i] for i in self.ids]
 
 
+@dataclasses.dataclass
+class Pending:
+    """A submitted component call that returns its metrics and its newly published weights."""
+
+    handle: Handle
+    metrics: Any
+    weights: Any
+
+
 class RolloutError(RuntimeError):
     """Rollouts failed on every retry."""
 
@@ -132,7 +141,11 @@ class Trainer:
         *,
         progress: bool = True,
         log_sinks: tuple = (),
+        started: float | None = None,
     ):
+        """``started``: the ``time.monotonic()`` the command began at (pretraining included);
+        every evaluation records the seconds since then as ``elapsed_s``."""
+        self.started = time.monotonic() if started is None else started
         self.cfg = cfg
         self.system = system
         self.run_dir = Path(run_dir)
@@ -154,6 +167,7 @@ class Trainer:
         self.stop_requested = False
         self._rollout_reward = float("nan")
         self._weights_lag = 0
+        self._policy_weights = None  # theta's latest published version (a future)
         self.evaluations: list[dict[str, Any]] = []
         self._critic_weights = system.critic.call("get_weights")
         self._trainable_steps = None
@@ -161,13 +175,12 @@ class Trainer:
     # -- Algorithm 1, one iteration ------------------------------------------------------------
 
     def step(self) -> dict[str, float]:
-        """One iteration: publish theta, critic phase, publish critic, generator phase, clear."""
+        """One iteration: publish theta, roll out, critic phase (it publishes the critic), generator
+        phase, clear the buffer."""
         start = time.perf_counter()
         policy_weights = self.publish_weights()
-        blocks = self.collect_rollouts(policy_weights)
-        critic_metrics = self.update_critic(blocks)
-        critic_weights = self.publish_critic()
-        policy_metrics = self.update_policy(critic_weights)
+        rollouts = self.collect_rollouts(policy_weights)
+        critic_metrics, policy_metrics = self.update_critic_then_policy(rollouts)
         self.clear_buffer()
         self.iteration += 1
         seconds = time.perf_counter() - start
@@ -183,8 +196,11 @@ class Trainer:
         }
 
     def publish_weights(self) -> Any:
-        """The learner's current theta as one object (one ``ray.put`` per version)."""
-        return self.system.learner.call("get_weights")
+        """The learner's current theta as one object per version: the one its last update
+        returned (or, before the first update and after a restore, asked for)."""
+        if self._policy_weights is None:
+            self._policy_weights = self.system.learner.call("get_weights")
+        return self._policy_weights
 
     def collect_rollouts(self, policy_weights: Any) -> Rollouts:
         """Ask the workers for n_critic blocks of m chains (not waited for: the critic's call
@@ -203,14 +219,24 @@ class Trainer:
                                   num_returns=len(worker_ids) + 1)
                 rollouts.calls.append((worker, worker_ids, out))
 
-    def _recover(self, rollouts: Rollouts) -> None:
+    def _recover(self, rollouts: Rollouts, policy: Pending) -> None:
         """After a failed critic call: name a dead learner or critic, else find the rollout calls
         whose worker died and hand their block ids to the workers that delivered (then the rest).
 
-        Block ids are fixed per iteration, so a block is never counted twice nor silently dropped.
+        The learner's call of this attempt failed with the critic's (its input) and never ran;
+        the buffer forgets this attempt's blocks, which are added again with the retry. Block ids
+        are fixed per iteration, so a block is never counted twice nor silently dropped.
         """
         self.system.learner.ping()  # raises ComponentLost naming the learner if it is gone
         self.system.critic.ping()
+        try:
+            policy.handle.resolve(policy.metrics)
+        except ComponentLost:
+            pass  # expected: its critic weights never came
+        else:
+            raise RolloutError("the critic update failed but the policy update it feeds succeeded")
+        if self.data_need != "none":
+            self.system.buffer.resolve(self.system.buffer.call("discard", rollouts.ids))
         failed, healthy, lost = [], [], []
         for worker, worker_ids, out in rollouts.calls:
             try:
@@ -241,44 +267,55 @@ class Trainer:
             time.sleep(1.0)
         raise RolloutError(f"no rollout worker came back within {WORKER_RESTART_WAIT_S:.0f} s")
 
-    def update_critic(self, rollouts: Rollouts) -> list[dict[str, float]]:
-        """One critic + baseline update per block (Eq. 23 or Eq. 22); then the blocks go into the
-        buffer. A lost rollout worker fails this call before the critic moves; the lost blocks
-        are collected again (up to ``rollout.max_restarts`` times)."""
-        critic = self.system.critic
+    def update_critic_then_policy(self, rollouts: Rollouts) -> tuple[list[dict], list[dict]]:
+        """The critic phase (one critic + baseline update per block), the critic's publication,
+        and the generator phase with rewards relabelled by the just-published critic.
+
+        Both calls are submitted at once: with Ray the learner starts as soon as the critic's
+        weights exist, without a round trip through the driver. A lost rollout worker fails
+        the critic's call before the critic moves, and with it the learner's, which then never
+        runs; the lost blocks are collected again (up to ``rollout.max_restarts`` times).
+        """
         for _attempt in range(self.cfg.rollout.max_restarts + 1):
-            blocks = rollouts.blocks()
+            critic = self.update_critic(rollouts)
+            policy = self.update_policy(rollouts, critic.weights)
             try:
-                metrics = critic.resolve(critic.call("update_blocks", *blocks))
-                break
+                critic_metrics = critic.handle.resolve(critic.metrics)
             except ComponentLost:
-                self._recover(rollouts)
+                self._recover(rollouts, policy)
+                continue
+            try:
+                policy_metrics = policy.handle.resolve(policy.metrics)
+            except ComponentLost:
+                self.system.buffer.ping()  # name a lost buffer rather than the learner it fed
+                raise
+            break
         else:
             raise RolloutError(
                 f"rollout blocks failed {self.cfg.rollout.max_restarts + 1} times (rollout.max_restarts); "
                 "the workers keep dying"
             )
-        self._count_nonfinite(metrics, "critic")
-        a = self.cfg.algo
-        if self.data_need != "none":
-            self.system.buffer.call("add_many", blocks, [self._meta(block_id) for block_id in rollouts.ids])
-        self.counters["blocks"] += len(blocks)
-        self.counters["chains"] += len(blocks) * a.batch_size
-        self.counters["transitions"] += len(blocks) * a.batch_size * len(self._steps())
-        summaries = [worker.resolve(out[-1]) for worker, _, out in rollouts.calls]  # done by now
-        self._rollout_reward = sum(s["reward_mean"] for s in summaries) / len(summaries)
-        # Versions the rollouts ran behind the learner (0 in sync mode; the metric to watch in async).
-        self._weights_lag = self.iteration - min(s["policy_version"] for s in summaries)
-        return metrics
+        self._critic_weights, self._policy_weights = critic.weights, policy.weights
+        self._count_nonfinite(critic_metrics, "critic")
+        self._count_nonfinite(policy_metrics, "policy")
+        self._count_rollouts(rollouts)
+        return critic_metrics, policy_metrics
 
-    def publish_critic(self) -> Any:
-        self._critic_weights = self.system.critic.call("get_weights")
-        return self._critic_weights
+    def update_critic(self, rollouts: Rollouts) -> Pending:
+        """Submit one critic + baseline update per block (Eq. 23 or Eq. 22); the call returns the
+        metrics and the critic's new weights (its publication)."""
+        critic = self.system.critic
+        metrics, weights = critic.call("update_and_publish", *rollouts.blocks(), num_returns=2)
+        return Pending(critic, metrics, weights)
 
-    def update_policy(self, critic_weights: Any) -> list[dict[str, float]]:
-        """n_generator policy steps with rewards relabelled by the just-published critic."""
+    def update_policy(self, rollouts: Rollouts, critic_weights: Any) -> Pending:
+        """Submit the generator phase: the blocks go into the buffer, the learner takes
+        n_generator policy steps on buffer samples with rewards relabelled by ``critic_weights``
+        and returns its metrics and theta's next version."""
         a = self.cfg.algo
         buffer = self.system.buffer
+        if self.data_need != "none":
+            buffer.call("add_many", rollouts.blocks(), [self._meta(block_id) for block_id in rollouts.ids])
         if self.data_need == "samples":
             data = buffer.call("sample", a.n_generator, a.batch_size, self.cfg.seed * 1_000_003 + self.iteration)
         elif self.data_need == "all":
@@ -286,9 +323,18 @@ class Trainer:
         else:
             data = None
         learner = self.system.learner
-        metrics = learner.resolve(learner.call("update_policy", data, critic_weights))
-        self._count_nonfinite(metrics, "policy")
-        return metrics
+        metrics, weights = learner.call("update_and_publish", data, critic_weights, num_returns=2)
+        return Pending(learner, metrics, weights)
+
+    def _count_rollouts(self, rollouts: Rollouts) -> None:
+        a = self.cfg.algo
+        self.counters["blocks"] += len(rollouts.ids)
+        self.counters["chains"] += len(rollouts.ids) * a.batch_size
+        self.counters["transitions"] += len(rollouts.ids) * a.batch_size * len(self._steps())
+        summaries = [worker.resolve(out[-1]) for worker, _, out in rollouts.calls]  # done by now
+        self._rollout_reward = sum(s["reward_mean"] for s in summaries) / len(summaries)
+        # Versions the rollouts ran behind the learner (0 in sync mode; the metric to watch in async).
+        self._weights_lag = self.iteration - min(s["policy_version"] for s in summaries)
 
     def clear_buffer(self) -> None:
         # Not waited for: calls from one caller to an actor run in order, so the next add comes after.
@@ -330,8 +376,9 @@ class Trainer:
         if self.evaluate_weights is None:
             return {}
         learner = self.system.learner
-        version, weights = learner.resolve(learner.call("get_weights"))
+        version, weights = learner.resolve(learner.call("get_sampler_weights"))
         result = {"iteration": self.iteration, "policy_version": version, **self.evaluate_weights(weights)}
+        result["elapsed_s"] = time.monotonic() - self.started  # time-to-quality, evaluation included
         self.evaluations.append(result)
         self.log.write({"iteration": self.iteration, **{f"eval/{k}": v for k, v in result.items() if k != "iteration"}})
         return result
@@ -367,6 +414,7 @@ class Trainer:
         self.evaluations = json.loads(state["evaluations"])
         self.events = json.loads(state.get("events", "[]"))
         self._critic_weights = s.critic.call("get_weights")
+        self._policy_weights = None
         self.log.truncate_after(self.iteration)
 
     def checkpoint(self) -> Path:

@@ -18,7 +18,7 @@ from sftrl.critic import CriticLearner, TensorData
 from sftrl.data.toy import gaussian_cluster
 from sftrl.diffusion.schedules import make_schedule
 from sftrl.diffusion.step import denoise_step, rollout, sample
-from sftrl.learner import Learner
+from sftrl.learner import Learner, sampler_state_dict
 from sftrl.metrics.wasserstein import sliced_w2
 from sftrl.models.toy import ToyBaseline, ToyCritic, ToySampler
 from sftrl.rollout import RolloutWorker
@@ -178,6 +178,17 @@ def test_buffer_duplicate_ids_clear_trim_and_all_transitions():
     with pytest.raises(ValueError, match="'a'"):
         buf.add_blocks([synthetic_block("a", 9, 2)])
     assert buf.state()["blocks_added"] == 3 and buf.state()["transitions_added"] == 18
+
+
+def test_buffer_discard_forgets_lost_blocks_so_they_can_be_added_again():
+    buf = ReplayBuffer()
+    buf.add_blocks([synthetic_block("a", 0, 2), synthetic_block("b", 0, 3, offset=1000.0)])
+    assert buf.discard(["b", "never-added"]) == 1
+    assert buf.num_blocks == 1 and buf.state()["blocks_added"] == 1 and buf.state()["transitions_added"] == 4
+    buf.add_blocks([synthetic_block("b", 0, 3, offset=1000.0)])  # collected anew: accepted, counted once
+    assert buf.state()["blocks_added"] == 2 and buf.num_transitions == 2 * (2 + 3)
+    with pytest.raises(ValueError, match="'a'"):
+        buf.add_blocks([synthetic_block("a", 0, 2)])  # a block not discarded stays refused
 
 
 # ---------------------------------------------------------------- RolloutWorker
@@ -397,6 +408,7 @@ def _learner_setup(
     final_step_std=0.001,
     num_chains=12,
     seed=3,
+    ema_decay=0.0,
 ):
     policy, critic, baseline = make_nets(S, seed=1)
     # The published critic and baseline differ from the ones the learner was built with.
@@ -421,6 +433,7 @@ def _learner_setup(
         reduction="sum",
         data_shape=(2,),
         seed=seed,
+        ema_decay=ema_decay,
     )
     published = (
         5,
@@ -476,6 +489,42 @@ def test_learner_sft_pg_step_equals_manual_reinforce(n_generator, max_grad_norm)
     assert_close(
         torch.from_numpy(state["out.bias"]), learner.policy.out.bias.detach(), rtol=0, atol=0
     )
+
+
+def test_learner_ema_averages_theta_for_evaluation_only_and_survives_a_resume():
+    decay = 0.75
+    learner, buf, policy, *_, published, _ = _learner_setup("sft-pg", ema_decay=decay, lr=1e-2)
+    expected = {k: v.detach().clone() for k, v in policy.state_dict().items()}  # the average starts at theta_0
+    for it in range(3):
+        learner.update_policy(buf.sample(1, 24, seed=it), published)
+        for k, v in learner.policy.state_dict().items():
+            expected[k] = decay * expected[k] + (1 - decay) * v
+    version, raw = learner.get_weights()
+    ema_version, averaged = learner.get_sampler_weights()
+    assert version == ema_version == 3
+    for k, v in learner.policy.state_dict().items():
+        assert torch.equal(torch.from_numpy(raw[k]), v)  # rollouts run theta itself
+        assert_close(torch.from_numpy(averaged[k]), expected[k], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(torch.from_numpy(averaged["out.bias"]), learner.policy.out.bias)
+    # A checkpoint's sampler is the average; a resumed learner carries it on. (A deep copy, as
+    # torch.save makes: a live state dict shares the optimiser's moment tensors.)
+    state = copy.deepcopy(learner.state_dict())
+    assert_close(sampler_state_dict(state)["out.bias"], expected["out.bias"], rtol=1e-6, atol=1e-7)
+    resumed, *_ = _learner_setup("sft-pg", ema_decay=decay, lr=1e-2)
+    resumed.load_state_dict(state)
+    for learner_ in (learner, resumed):
+        learner_.update_policy(buf.sample(1, 24, seed=9), published)
+    assert_close(
+        torch.from_numpy(resumed.get_sampler_weights()[1]["out.bias"]),
+        torch.from_numpy(learner.get_sampler_weights()[1]["out.bias"]),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    # Without an average the sampler is theta.
+    plain, *_ = _learner_setup("sft-pg")
+    plain_state = plain.state_dict()
+    assert sampler_state_dict(plain_state) is plain_state["policy"]
+    assert plain.get_sampler_weights()[1].keys() == plain.get_weights()[1].keys()
 
 
 def test_learner_ppo_first_epoch_ratio_is_exactly_one():

@@ -36,6 +36,9 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run):
     rows = report["evaluations"]
     assert [r["sampler"] for r in rows] == ["initial (pretrained)", "fine-tuned"]
     assert rows[0]["sw2_floor_mean"] > 0 and rows[1]["sw2_mean"] > rows[1]["sw2_floor_mean"]
+    # Seconds since the command started (pretraining included): a time-to-quality curve.
+    assert 0 < rows[0]["elapsed_s"] < rows[1]["elapsed_s"]
+    assert rows[0]["sw2_floor_mean"] == rows[1]["sw2_floor_mean"]  # the data floor is measured once
     assert "| fine-tuned | 20 |" in (run_dir / "report.md").read_text()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter-0000020"
 

@@ -189,11 +189,27 @@ def test_sw2_report_shifted_sampler_exceeds_floor():
 def test_sw2_report_to_dict_and_frozen():
     rep = sw2_report(_swiss, _swiss, n=300, draws=2, seed=0)
     d = rep.to_dict()
-    assert set(d) == {"mean", "std", "min", "max", "draws", "floor_mean", "floor_std"}
+    assert set(d) == {"mean", "std", "min", "max", "draws", "floor_mean", "floor_std", "floor_draws"}
     assert d["draws"] == list(rep.draws)
     assert all(isinstance(x, float) for x in rep.draws)
     with pytest.raises(dataclasses.FrozenInstanceError):
         rep.mean = 1.0  # type: ignore[misc]
+
+
+def test_sw2_report_reuses_cached_floors():
+    seen = []
+
+    def record(n, seed):
+        seen.append(seed)
+        return swiss_roll(n, seed=seed)
+
+    first = sw2_report(record, record, n=300, draws=3, seed=0)
+    seen.clear()
+    again = sw2_report(record, record, n=300, draws=3, seed=0, floors=first.floor_draws)
+    assert again == first
+    assert len(seen) == 6  # only the sample and data clouds: the floor clouds are not drawn again
+    with pytest.raises(ValueError, match="2 cached floors for 3 draws"):
+        sw2_report(record, record, n=300, draws=3, seed=0, floors=first.floor_draws[:2])
 
 
 def test_sw2_report_single_draw_std_zero():

@@ -163,6 +163,8 @@ class SW2Report:
             single draw).
         draws: SW_2(generated, data) per draw.
         floor_mean, floor_std: the same statistics of SW_2(data, independent data).
+        floor_draws: SW_2(data, independent data) per draw (pass them back as ``floors`` to
+            skip recomputing them: they depend only on the data and the seeds).
     """
 
     mean: float
@@ -172,10 +174,12 @@ class SW2Report:
     draws: tuple[float, ...]
     floor_mean: float
     floor_std: float
+    floor_draws: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, float | list[float]]:
         d = asdict(self)
         d["draws"] = list(self.draws)
+        d["floor_draws"] = list(self.floor_draws)
         return d
 
 
@@ -191,6 +195,7 @@ def sw2_report(
     draws: int = 5,
     n_projections: int = 100,
     seed: int = 0,
+    floors: Sequence[float] | None = None,
 ) -> SW2Report:
     """SW_2 of ``sample_fn`` against ``data_fn`` over ``draws`` draws, beside the floor.
 
@@ -211,23 +216,29 @@ def sw2_report(
         draws: number of independent draws.
         n_projections: directions per SW_2 estimate (the paper: 100).
         seed: master seed.
+        floors: the ``floor_draws`` of an earlier report with the same ``data_fn``, ``n``,
+            ``draws``, ``n_projections`` and ``seed`` (the floor is then not recomputed).
     """
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
+    if floors is not None and len(floors) != draws:
+        raise ValueError(f"{len(floors)} cached floors for {draws} draws")
     rng = np.random.default_rng(np.random.SeedSequence(seed))
     # 4 * draws distinct data/sample seeds (no two draws ever share a cloud), plus one
     # projection seed per draw; all below 2**31 so any seed consumer accepts them.
     cloud_seeds = rng.choice(2**31, size=(int(draws), 4), replace=False)
     proj_seeds = rng.integers(2**31, size=int(draws))
     values: list[float] = []
-    floors: list[float] = []
+    computed_floors: list[float] = []
     for (s_k, d_k, a_k, b_k), p_k in zip(cloud_seeds.tolist(), proj_seeds.tolist(), strict=True):
         values.append(
             sliced_w2(sample_fn(n, s_k), data_fn(n, d_k), n_projections=n_projections, seed=p_k)
         )
-        floors.append(
-            sliced_w2(data_fn(n, a_k), data_fn(n, b_k), n_projections=n_projections, seed=p_k)
-        )
+        if floors is None:
+            computed_floors.append(
+                sliced_w2(data_fn(n, a_k), data_fn(n, b_k), n_projections=n_projections, seed=p_k)
+            )
+    floors = list(floors) if floors is not None else computed_floors
     return SW2Report(
         mean=float(np.mean(values)),
         std=_std(values),
@@ -236,6 +247,7 @@ def sw2_report(
         draws=tuple(values),
         floor_mean=float(np.mean(floors)),
         floor_std=_std(floors),
+        floor_draws=tuple(floors),
     )
 
 
