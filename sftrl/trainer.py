@@ -9,6 +9,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,12 @@ class MetricsLog:
 
 
 class Trainer:
-    """Algorithm 1 over handles. ``fit()`` runs ``trainer.iterations`` iterations."""
+    """Algorithm 1 over handles. ``fit()`` runs ``trainer.iterations`` iterations.
+
+    Evaluations run in a background thread of the driver while training goes on (the driver
+    mostly waits on the components; an evaluation is seconds of sampling and POT or FID). Each
+    is logged when it finishes, with the iteration and weights version it scored.
+    """
 
     def __init__(
         self,
@@ -169,6 +175,9 @@ class Trainer:
         self._weights_lag = 0
         self._policy_weights = None  # theta's latest published version (a future)
         self.evaluations: list[dict[str, Any]] = []
+        self._evaluating: list[tuple[int, int, Future]] = []  # (iteration, version, result), in order
+        self._evaluation_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftrl-eval")
+        self._last_evaluated = -1  # the iteration of the last evaluation started
         self._critic_weights = system.critic.call("get_weights")
         self._trainable_steps = None
 
@@ -372,19 +381,38 @@ class Trainer:
                 "Lower the learning rates, set algo.max_grad_norm, or check the data for NaNs."
             )
 
-    def evaluate(self) -> dict[str, float]:
-        if self.evaluate_weights is None:
-            return {}
-        learner = self.system.learner
-        version, weights = learner.resolve(learner.call("get_sampler_weights"))
-        result = {"iteration": self.iteration, "policy_version": version, **self.evaluate_weights(weights)}
+    def evaluate(self, *, wait: bool = False) -> None:
+        """Start scoring the learner's sampler weights (the EMA when kept) in the background;
+        ``wait``: also wait for every evaluation started so far."""
+        if self.evaluate_weights is not None:
+            learner = self.system.learner
+            version, weights = learner.resolve(learner.call("get_sampler_weights"))
+            future = self._evaluation_pool.submit(self._timed_evaluation, weights)
+            self._evaluating.append((self.iteration, version, future))
+            self._last_evaluated = self.iteration
+        self.collect_evaluations(wait=wait)
+
+    def _timed_evaluation(self, weights: Any) -> dict[str, Any]:
+        result = dict(self.evaluate_weights(weights))
         result["elapsed_s"] = time.monotonic() - self.started  # time-to-quality, evaluation included
-        self.evaluations.append(result)
-        self.log.write({"iteration": self.iteration, **{f"eval/{k}": v for k, v in result.items() if k != "iteration"}})
         return result
 
+    def collect_evaluations(self, *, wait: bool = False) -> list[dict[str, Any]]:
+        """Log the evaluations that have finished (all of them with ``wait``), in order; an
+        evaluation's error is raised here."""
+        done = []
+        while self._evaluating and (wait or self._evaluating[0][2].done()):
+            iteration, version, future = self._evaluating.pop(0)
+            result = {"iteration": iteration, "policy_version": version, **future.result()}
+            self.evaluations.append(result)
+            self.log.write({"iteration": iteration, **{f"eval/{k}": v for k, v in result.items() if k != "iteration"}})
+            done.append(result)
+        return done
+
     def state(self) -> dict[str, Any]:
-        """Everything needed to resume (loaded with weights_only=True)."""
+        """Everything needed to resume (loaded with weights_only=True). Evaluations still running
+        are not in it (the curve of a run resumed after a crash may miss them)."""
+        self.collect_evaluations()
         s = self.system
         learner_state = s.learner.call("state_dict")
         critic_state = s.critic.call("state_dict")
@@ -412,6 +440,7 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.counters.update(state["counters"])
         self.evaluations = json.loads(state["evaluations"])
+        self._last_evaluated = self.evaluations[-1]["iteration"] if self.evaluations else -1
         self.events = json.loads(state.get("events", "[]"))
         self._critic_weights = s.critic.call("get_weights")
         self._policy_weights = None
@@ -425,15 +454,17 @@ class Trainer:
         t = self.cfg.trainer
         if self.iteration == 0 and not self.evaluations:
             self.evaluate()
+        postfix: dict[str, float] = {}
         with Progress(t.iterations, "fine-tune", enabled=self.progress) as bar:
             bar.update(self.iteration)
             while self.iteration < t.iterations:
                 metrics = self.step()
                 if self.iteration % t.log_every == 0 or self.iteration == t.iterations:
                     self.log.write({"iteration": self.iteration, **metrics, **{f"counters/{k}": v for k, v in self.counters.items()}})
-                postfix = {"ipm": metrics.get("critic/ipm_gap", float("nan"))}
+                postfix["ipm"] = metrics.get("critic/ipm_gap", float("nan"))
                 if t.eval_every and self.iteration % t.eval_every == 0 and self.iteration < t.iterations:
-                    result = self.evaluate()
+                    self.evaluate()
+                for result in self.collect_evaluations():  # the latest finished score stays shown
                     postfix["sw2" if "sw2_mean" in result else "fid"] = result.get("sw2_mean", result.get("fid", float("nan")))
                 if t.checkpoint_every and self.iteration % t.checkpoint_every == 0 and self.iteration < t.iterations:
                     self.checkpoint()
@@ -443,8 +474,10 @@ class Trainer:
                 if self.stop_requested:
                     break
         if self.stop_requested:  # a signal: keep the state, skip the final evaluation
+            self.collect_evaluations(wait=True)
             self.checkpoint()
             return
-        if not self.evaluations or self.evaluations[-1]["iteration"] != self.iteration:
-            self.evaluate()
+        if self._last_evaluated != self.iteration:
+            self.evaluate(wait=True)
+        self.collect_evaluations(wait=True)
         self.checkpoint()
