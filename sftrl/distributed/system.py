@@ -41,7 +41,8 @@ class RayHandle:
         self.name = name
 
     def call(self, method: str, *args: Any, num_returns: int = 1) -> Any:
-        remote = self.actor.call if num_returns == 1 else self.actor.call.options(num_returns=num_returns)
+        # Named "component.method" in the Ray dashboard and timeline.
+        remote = self.actor.call.options(name=f"{self.name}.{method}", num_returns=num_returns)
         return remote.remote(method, *args)
 
     def resolve(self, futures: Any) -> Any:
