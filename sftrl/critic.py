@@ -78,13 +78,10 @@ class CriticLearner:
         """One update per block; returns one metrics dict per update."""
         return [self._update_one(block) for block in blocks]
 
-    def update_blocks(self, *blocks: TrajectoryBlock) -> list[dict[str, float]]:
-        """``update`` with the blocks as separate arguments (Ray resolves each reference)."""
-        return self.update(blocks)
-
     def update_and_publish(self, *blocks: TrajectoryBlock) -> tuple[list[dict[str, float]], tuple]:
-        """One critic phase, then the new weights: ``(metrics, get_weights())``. As two return
-        values of one Ray call, the weights reach the learner without a trip through the driver."""
+        """One critic phase, then the new weights: ``(metrics, get_weights())``. The blocks are
+        separate arguments (Ray resolves each reference); as two return values of one Ray call,
+        the weights reach the learner without a trip through the driver."""
         return self.update(blocks), self.get_weights()
 
     def _update_one(self, block: TrajectoryBlock) -> dict[str, float]:

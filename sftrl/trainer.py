@@ -381,16 +381,16 @@ class Trainer:
                 "Lower the learning rates, set algo.max_grad_norm, or check the data for NaNs."
             )
 
-    def evaluate(self, *, wait: bool = False) -> None:
+    def evaluate(self) -> None:
         """Start scoring the learner's sampler weights (the EMA when kept) in the background;
-        ``wait``: also wait for every evaluation started so far."""
-        if self.evaluate_weights is not None:
-            learner = self.system.learner
-            version, weights = learner.resolve(learner.call("get_sampler_weights"))
-            future = self._evaluation_pool.submit(self._timed_evaluation, weights)
-            self._evaluating.append((self.iteration, version, future))
-            self._last_evaluated = self.iteration
-        self.collect_evaluations(wait=wait)
+        ``collect_evaluations`` logs the result."""
+        if self.evaluate_weights is None:
+            return
+        learner = self.system.learner
+        version, weights = learner.resolve(learner.call("get_sampler_weights"))
+        future = self._evaluation_pool.submit(self._timed_evaluation, weights)
+        self._evaluating.append((self.iteration, version, future))
+        self._last_evaluated = self.iteration
 
     def _timed_evaluation(self, weights: Any) -> dict[str, Any]:
         result = dict(self.evaluate_weights(weights))
@@ -473,11 +473,7 @@ class Trainer:
                     on_iteration(self)
                 if self.stop_requested:
                     break
-        if self.stop_requested:  # a signal: keep the state, skip the final evaluation
-            self.collect_evaluations(wait=True)
-            self.checkpoint()
-            return
-        if self._last_evaluated != self.iteration:
-            self.evaluate(wait=True)
+        if not self.stop_requested and self._last_evaluated != self.iteration:
+            self.evaluate()  # the final evaluation (skipped on a signal stop, which keeps the state)
         self.collect_evaluations(wait=True)
         self.checkpoint()

@@ -228,17 +228,16 @@ def sw2_report(
     # projection seed per draw; all below 2**31 so any seed consumer accepts them.
     cloud_seeds = rng.choice(2**31, size=(int(draws), 4), replace=False)
     proj_seeds = rng.integers(2**31, size=int(draws))
-    values: list[float] = []
-    computed_floors: list[float] = []
-    for (s_k, d_k, a_k, b_k), p_k in zip(cloud_seeds.tolist(), proj_seeds.tolist(), strict=True):
-        values.append(
-            sliced_w2(sample_fn(n, s_k), data_fn(n, d_k), n_projections=n_projections, seed=p_k)
-        )
-        if floors is None:
-            computed_floors.append(
-                sliced_w2(data_fn(n, a_k), data_fn(n, b_k), n_projections=n_projections, seed=p_k)
-            )
-    floors = list(floors) if floors is not None else computed_floors
+    seeds = list(zip(cloud_seeds.tolist(), proj_seeds.tolist(), strict=True))
+    values = [
+        sliced_w2(sample_fn(n, s_k), data_fn(n, d_k), n_projections=n_projections, seed=p_k)
+        for (s_k, d_k, _, _), p_k in seeds
+    ]
+    if floors is None:
+        floors = [
+            sliced_w2(data_fn(n, a_k), data_fn(n, b_k), n_projections=n_projections, seed=p_k)
+            for (_, _, a_k, b_k), p_k in seeds
+        ]
     return SW2Report(
         mean=float(np.mean(values)),
         std=_std(values),
