@@ -89,7 +89,7 @@ def ray_overhead(workdir: Path, cache_dir: str, repeats: int) -> dict:
             per_iteration = [json.loads(line)["time/iteration_s"]
                              for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "time/iteration_s" in line]
             times[backend].append(statistics.median(per_iteration[10:]))  # skip warm-up iterations
-    ratios = [r / l for l, r in zip(times["local"], times["ray"])]
+    ratios = [remote / local for local, remote in zip(times["local"], times["ray"])]
     return {"local": statistics.median(times["local"]), "ray": statistics.median(times["ray"]),
             "ratio": statistics.median(ratios), "ratios": ratios, "runs": times}
 

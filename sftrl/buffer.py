@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sftrl.weights import tensor_view
+
 
 @dataclasses.dataclass(frozen=True)
 class TrajectoryBlock:
@@ -83,7 +85,7 @@ class TransitionBatch:
 
     def to_torch(self, device: torch.device | str = "cpu") -> TransitionBatch:
         def t(a):
-            return torch.as_tensor(a, device=device)
+            return tensor_view(a, device)
 
         return TransitionBatch(
             x_n=t(self.x_n).float(),

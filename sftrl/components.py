@@ -38,7 +38,8 @@ def resolve_device(cfg: Config) -> str:
     if cfg.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no GPU here; use device=auto or cpu")
+        raise ValueError("device: 'cuda' was asked for but torch sees no GPU on this machine "
+                         "(torch.cuda.is_available() is False); valid here: auto or cpu")
     return cfg.device
 
 

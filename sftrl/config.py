@@ -148,7 +148,9 @@ class RayConfig:
 class Config:
     name: str = doc_field("swissroll", "Experiment name (names the run directory).")
     seed: int = doc_field(0, "Master seed of rollouts, learners and evaluation.")
-    device: Literal["auto", "cpu", "cuda"] = doc_field("auto", "Torch device of every component (auto: cuda if present).")
+    device: Literal["auto", "cpu", "cuda"] = doc_field(
+        "auto", "Torch device of every component (auto: cuda if present; in a Ray actor: cuda when it reserves a GPU share)."
+    )
     torch_threads: int = doc_field(1, "Torch CPU threads per process (1 is fastest for the toy MLPs).")
     data: DataConfig = doc_field(doc="The real data q_0.", default_factory=DataConfig)
     diffusion: DiffusionConfig = doc_field(doc="Base DDPM and sampling schedule.", default_factory=DiffusionConfig)
@@ -208,6 +210,14 @@ class Config:
         need(r.num_cpus_per_worker >= 0, "rollout.num_cpus_per_worker", r.num_cpus_per_worker, "must be >= 0")
         need(r.max_restarts >= 0, "rollout.max_restarts", r.max_restarts, "must be >= 0")
         need(self.torch_threads >= 1, "torch_threads", self.torch_threads, "must be >= 1")
+        if self.device == "cuda" and self.ray.backend == "ray":
+            shares = {"rollout.num_gpus_per_worker": r.num_gpus_per_worker,
+                      "ray.learner_num_gpus": self.ray.learner_num_gpus, "ray.critic_num_gpus": self.ray.critic_num_gpus}
+            without = [f"{k}={v:g}" for k, v in shares.items() if v == 0]
+            need(not without, "device", self.device,
+                 f"Ray gives a GPU only to actors that reserve a share, and {', '.join(without)}: "
+                 "give each a share (fractions are fine), or use device=auto (an actor computes on the GPU "
+                 "exactly when it reserves one)")
         need(self.data.num_train >= 1, "data.num_train", self.data.num_train, "must be >= 1")
         if self.is_toy:
             need(self.model.sampler == "toy-mlp", "model.sampler", self.model.sampler,

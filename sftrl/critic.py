@@ -12,7 +12,7 @@ from torch import nn
 from sftrl.algos import losses
 from sftrl.buffer import TrajectoryBlock
 from sftrl.optim import gradient_step
-from sftrl.weights import NumpyState, load_numpy_state, to_numpy_state
+from sftrl.weights import NumpyState, load_numpy_state, tensor_view, to_numpy_state
 
 Regulariser = Literal["B", "GP"]
 REGULARISERS: tuple[str, ...] = ("B", "GP")
@@ -85,12 +85,12 @@ class CriticLearner:
         return self.update(blocks), self.get_weights()
 
     def _update_one(self, block: TrajectoryBlock) -> dict[str, float]:
-        xs = torch.as_tensor(block.xs, device=self.device)  # (S + 1, m, *D)
+        xs = tensor_view(block.xs, self.device)  # (S + 1, m, *D)
         num_steps, m = xs.shape[0] - 1, xs.shape[1]
         x_fake = xs[-1]
         x_real = self.real_data.sample(m, self.generator).to(self.device)
         c_fake, c_real = self.critic(x_fake), self.critic(x_real)  # (m,)
-        ns = torch.as_tensor(block.ns, device=self.device).repeat_interleave(m)  # (S * m,)
+        ns = tensor_view(block.ns, self.device).repeat_interleave(m)  # (S * m,)
         values = self.baseline(xs[:-1].reshape(num_steps * m, *xs.shape[2:]), ns).view(num_steps, m)
         params = list(self.critic.parameters()) + list(self.baseline.parameters())
         if self.regulariser == "B":

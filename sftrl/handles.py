@@ -20,6 +20,10 @@ class ComponentLost(RuntimeError):
         self.name = name
 
 
+class ResourceError(ValueError):
+    """The actors ask for more CPUs or GPUs than a Ray cluster of fixed size has."""
+
+
 class Handle(Protocol):
     name: str
 
@@ -28,6 +32,14 @@ class Handle(Protocol):
     def resolve(self, futures: Any) -> Any: ...
 
     def ping(self) -> None: ...
+
+    def placement(self) -> dict[str, Any]: ...
+
+
+def component_device(obj: Any) -> str:
+    """The torch device a component computes on ("-" for one that holds no tensors' device)."""
+    device = getattr(obj, "device", None)
+    return str(device) if device is not None else "-"
 
 
 class LocalHandle:
@@ -50,3 +62,7 @@ class LocalHandle:
 
     def ping(self) -> None:
         """Raise ComponentLost if the component is gone (a local object never is)."""
+
+    def placement(self) -> dict[str, Any]:
+        """Where the component runs: ``{"node": ..., "device": ..., "gpu_ids": [...]}``."""
+        return {"node": "local", "device": component_device(self.obj), "gpu_ids": []}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +42,10 @@ MAX_KEYS_IN_ERROR = 5
 UNET_EMA_DECAY = 0.999
 
 
+class PretrainingStopped(Exception):
+    """Pretraining was asked to stop (the command is exiting); nothing was cached."""
+
+
 def pretrain_sampler(
     model: nn.Module,
     data: np.ndarray,
@@ -54,6 +59,7 @@ def pretrain_sampler(
     device: str = "cpu",
     progress: bool = True,
     ema_decay: float | None = None,
+    stop: threading.Event | None = None,
 ) -> dict:
     """eps-MSE training (Ho et al.) with RMSprop and gradient clipping, the paper's recipe.
 
@@ -61,6 +67,7 @@ def pretrain_sampler(
     is one shuffled pass over the data. With ``ema_decay`` the model ends with the exponential
     moving average of its weights (decay ``min(ema_decay, (1 + k) / (10 + k))`` at step k, so the
     initial weights are forgotten early). Returns ``{"epoch_loss": [...], "seconds": ...}``.
+    ``stop``: checked at each epoch's start; once set, ``PretrainingStopped`` is raised.
     """
     device = torch.device(device)
     model = model.to(device).train()
@@ -75,6 +82,8 @@ def pretrain_sampler(
     history = []
     with Progress(epochs, "pretrain", unit="epoch", enabled=progress) as bar:
         for _ in range(epochs):
+            if stop is not None and stop.is_set():
+                raise PretrainingStopped(f"pretraining stopped after {len(history)} of {epochs} epochs")
             perm = torch.randperm(len(x), generator=generator, device=device)
             # One draw of timesteps and noise per epoch: fewer small RNG calls per step.
             t_all = torch.randint(num_train_steps, (len(x),), generator=generator, device=device)
@@ -255,7 +264,15 @@ def cache_path(cfg: Config) -> Path:
     return Path(cfg.pretrain.cache_dir).expanduser() / f"{cfg.data.name}-T{cfg.diffusion.num_train_steps}-{key}.pt"
 
 
-def load_or_pretrain(cfg: Config, model: nn.Module, data: np.ndarray, *, device: str = "cpu", progress: bool = True) -> dict:
+def load_or_pretrain(
+    cfg: Config,
+    model: nn.Module,
+    data: np.ndarray,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+    stop: threading.Event | None = None,
+) -> dict:
     """Initialise ``model`` from ``model.checkpoint``, the cache, or a fresh pretraining run.
 
     Returns ``{"source": "checkpoint"|"cache"|"pretrained", "path": ..., "seconds": ...}`` (a
@@ -283,6 +300,7 @@ def load_or_pretrain(cfg: Config, model: nn.Module, data: np.ndarray, *, device:
         device=device,
         progress=progress,
         ema_decay=UNET_EMA_DECAY if cfg.model.sampler == "unet" else None,
+        stop=stop,
     )
     save_atomic(sampler_checkpoint(model, cfg, info), path)
     return {"source": "pretrained", "path": str(path), "seconds": time.monotonic() - start}

@@ -58,6 +58,16 @@ def image_table(rows: list[dict]) -> str:
     return "\n".join([*lines, "", f"Feature extractor: {rows[0]['extractor']}."])
 
 
+def placement_summary(placement: dict[str, dict]) -> str:
+    """One line: ``worker-0 cuda:0 (GPU 0) on 10.0.0.5, learner ...`` (``local`` without Ray)."""
+    parts = []
+    for name, where in placement.items():
+        gpus = f" (GPU {','.join(where['gpu_ids'])})" if where.get("gpu_ids") else ""
+        node = where.get("ip") or where.get("node", "?")
+        parts.append(f"{name} {where.get('device', '-')}{gpus} on {node}")
+    return ", ".join(parts)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -78,23 +88,24 @@ def make_pictures(run_dir: Path, cfg: Config, init, trainer, data, tensorboard=N
     import torch
 
     from sftrl import pictures
-    from sftrl.components import schedule_of
+    from sftrl.components import resolve_device, schedule_of
     from sftrl.diffusion.step import rollout
     from sftrl.models import build_networks
     from sftrl.weights import load_numpy_state
 
     out: dict[str, str] = {}
     out["training curves"] = pictures.training_curves(trainer.log.read(), run_dir / "curves.png").name
-    tables = schedule_of(cfg).tables("cpu")
+    device = resolve_device(cfg)  # a U-Net's chains take minutes on a CPU, seconds on a GPU
+    tables = schedule_of(cfg).tables(device)
     version, tuned_state = trainer.system.learner.resolve(trainer.system.learner.call("get_sampler_weights"))
 
     def chains(state, n):
         sampler, _, _ = build_networks(cfg, init.data_shape)
         load_numpy_state(sampler, state)
-        generator = torch.Generator().manual_seed(PICTURE_SEED)
-        x_start = torch.randn((n, *init.data_shape), generator=generator)
+        generator = torch.Generator(device=device).manual_seed(PICTURE_SEED)
+        x_start = torch.randn((n, *init.data_shape), generator=generator, device=device)
         with torch.no_grad():
-            return rollout(sampler.eval(), tables, x_start, generator=generator).xs.numpy()
+            return rollout(sampler.to(device).eval(), tables, x_start, generator=generator).xs.cpu().numpy()
 
     if len(init.data_shape) == 1 and init.data_shape[0] == 2:
         before, after = chains(init.sampler_state, PICTURE_SAMPLES), chains(tuned_state, PICTURE_SAMPLES)
@@ -114,7 +125,13 @@ def make_pictures(run_dir: Path, cfg: Config, init, trainer, data, tensorboard=N
 
 
 def write_report(
-    run_dir: Path, cfg: Config, trainer, pretrain_info: dict, wall_s: float, pictures: dict[str, str] | None = None
+    run_dir: Path,
+    cfg: Config,
+    trainer,
+    pretrain_info: dict,
+    wall_s: float,
+    pictures: dict[str, str] | None = None,
+    placement: dict[str, dict] | None = None,
 ) -> dict:
     rows = evaluation_rows(trainer.evaluations)
     iterations = trainer.iteration
@@ -128,6 +145,7 @@ def write_report(
         "seconds_per_iteration": wall_s / iterations if iterations else None,
         "pretrain": pretrain_info,
         "counters": trainer.counters,
+        "placement": placement or {},
         "evaluations": rows,
         "pictures": pictures or {},
         "config": to_dict(cfg),
@@ -161,6 +179,7 @@ def write_report(
         f"- rollout chains: {chains} ({chains / wall_s:.0f} per second)" if wall_s > 0 else f"- rollout chains: {chains}",
         f"- initial sampler: {pretrain_info.get('source')} ({pretrain_info.get('path')}), "
         f"{pretrain_info.get('seconds', 0.0):.1f} s",
+        *([f"- placement: {placement_summary(placement)}"] if placement else []),
         "",
         "## Pictures",
         "",

@@ -12,7 +12,9 @@ import argparse
 import datetime
 import signal
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,10 @@ EXIT_USER_ERROR = 2
 
 class UsageError(Exception):
     """A user mistake: reported in one line, exit code 2, nothing written."""
+
+
+# User mistakes: a one-line error and exit code 2 (ResourceError is a ValueError).
+USER_ERRORS = (ConfigError, UsageError, CheckpointError, SamplerCheckpointError, ValueError, FileNotFoundError)
 
 
 def resolve_config_path(path: str) -> Path:
@@ -79,28 +85,103 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:
     return cfg, run_dir, resume_state
 
 
-def build_initial_sampler(cfg: Config, data: np.ndarray, progress: bool):
+def build_initial_sampler(cfg: Config, data: np.ndarray, progress: bool, stop: threading.Event | None = None):
     from sftrl.components import InitState, fresh_sampler, resolve_device
     from sftrl.pretraining import load_or_pretrain
     from sftrl.weights import to_numpy_state
 
     sampler = fresh_sampler(cfg, tuple(data.shape[1:]))
-    info = load_or_pretrain(cfg, sampler, data, device=resolve_device(cfg), progress=progress)
+    info = load_or_pretrain(cfg, sampler, data, device=resolve_device(cfg), progress=progress, stop=stop)
     return InitState(to_numpy_state(sampler.cpu()), tuple(data.shape[1:])), info
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sftrl.components import resolve_device
+
     started = time.monotonic()
     args = parse_args(argv)
     try:
         cfg, run_dir, resume_state = prepare(args)
         torch.set_num_threads(cfg.torch_threads)
+        resolve_device(cfg)  # a GPU asked for where there is none: said before anything starts
         data = load_real_data(cfg)
-        init, pretrain_info = build_initial_sampler(cfg, data, not args.no_progress)
-    except (ConfigError, UsageError, CheckpointError, SamplerCheckpointError, ValueError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    return train(cfg, run_dir, init, pretrain_info, data, resume_state, progress=not args.no_progress, started=started)
+    launch = Launch(cfg)
+    try:
+        init, pretrain_info = launch.start_while_pretraining(tuple(data.shape[1:]), data, not args.no_progress)
+    except USER_ERRORS as err:
+        launch.abandon()
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except BaseException:
+        launch.abandon()
+        raise
+    return train(cfg, run_dir, init, pretrain_info, data, resume_state, progress=not args.no_progress,
+                 started=started, launch=launch)
+
+
+class Launch:
+    """Ray and the actors start while the sampler is pretrained (or loaded) in a thread.
+
+    Ray's start, the actors' processes and their imports take tens of seconds on a small
+    machine; the learner's actor starts empty and is built once the pretrained weights exist.
+    With ``ray.backend: local`` there is nothing to start and the thread only pretrains.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.started_ray = False  # this command started Ray (and shuts it down)
+        self.actors = None  # a RaySystemLaunch once the actors are asked for
+
+    def start_while_pretraining(self, data_shape: tuple[int, ...], data: np.ndarray, progress: bool):
+        from sftrl.pretraining import cache_path
+
+        if self.cfg.model.checkpoint or cache_path(self.cfg).is_file():
+            # Loading takes seconds, and a bad checkpoint is reported before anything starts.
+            loaded = build_initial_sampler(self.cfg, data, progress)
+            self.start_ray(data_shape)
+            return loaded
+        stop = threading.Event()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftrl-pretrain") as pool:
+            pretraining = pool.submit(build_initial_sampler, self.cfg, data, progress, stop)
+            try:
+                self.start_ray(data_shape)
+                return pretraining.result()
+            except BaseException:
+                stop.set()  # the pretraining thread ends at its next epoch (the pool waits for it)
+                raise
+
+    def start_ray(self, data_shape: tuple[int, ...]) -> None:
+        if self.cfg.ray.backend != "ray" or self.actors is not None:
+            return
+        from sftrl.distributed import RaySystemLaunch, init_ray
+
+        self.started_ray = init_ray(self.cfg)
+        self.actors = RaySystemLaunch(self.cfg, data_shape, fixed_size=self.started_ray)
+
+    def system(self, init, data):
+        """The components' handles: the Ray actors finished with ``init``, else local objects."""
+        from sftrl.trainer import build_local_system
+
+        if self.cfg.ray.backend != "ray":
+            return build_local_system(self.cfg, init, data)
+        self.start_ray(init.data_shape)
+        return self.actors.finish(init)
+
+    def abandon(self) -> None:
+        """Stop what was started (a failed start: the actors have no system to shut them down)."""
+        if self.actors is not None:
+            self.actors.shutdown()
+        self.shutdown_ray()
+
+    def shutdown_ray(self) -> None:
+        if self.started_ray:
+            import ray
+
+            ray.shutdown()
+            self.started_ray = False
 
 
 class StopOnSignal:
@@ -135,27 +216,33 @@ class StopOnSignal:
 
 
 def train(
-    cfg: Config, run_dir: Path, init, pretrain_info: dict, data, resume_state, *, progress: bool, started: float | None = None
+    cfg: Config,
+    run_dir: Path,
+    init,
+    pretrain_info: dict,
+    data,
+    resume_state,
+    *,
+    progress: bool,
+    started: float | None = None,
+    launch: Launch | None = None,
 ) -> int:
-    """Fine-tune and report. Returns 0, 128 + signal when stopped by a signal, 1 on a fatal fault."""
+    """Fine-tune and report. Returns 0, 128 + signal when stopped by a signal, 1 on a fatal fault.
+    ``launch``: the Ray start begun during pretraining (else Ray starts here)."""
     from sftrl.evaluation import build_evaluator
-    from sftrl.handles import ComponentLost
-    from sftrl.report import make_pictures, write_report
+    from sftrl.handles import ComponentLost, ResourceError
+    from sftrl.report import make_pictures, placement_summary, write_report
     from sftrl.tensorboard import TensorBoardLogger
-    from sftrl.trainer import NonFiniteError, RolloutError, Trainer, build_local_system
+    from sftrl.trainer import NonFiniteError, RolloutError, Trainer
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, run_dir / "config.yaml", header="resolved sftrl config")
-    started_ray = False
+    launch = launch or Launch(cfg)
     system = tensorboard = None
     try:
-        if cfg.ray.backend == "ray":
-            from sftrl.distributed import build_ray_system, init_ray
-
-            started_ray = init_ray(cfg)
-            system = build_ray_system(cfg, init)
-        else:
-            system = build_local_system(cfg, init, data)
+        system = launch.system(init, data)
+        run_dir.mkdir(parents=True, exist_ok=True)  # only once the components exist: a bad ask writes nothing
+        dump_yaml(cfg, run_dir / "config.yaml", header="resolved sftrl config")
+        placement = system.placement()
+        print(f"placement: {placement_summary(placement)}", file=sys.stderr, flush=True)
         evaluator = build_evaluator(cfg, init)
         tensorboard = TensorBoardLogger(run_dir / "tensorboard")
         trainer = Trainer(
@@ -174,10 +261,13 @@ def train(
             trainer.fit()
         wall_s = time.monotonic() - start
         pictures = make_pictures(run_dir, cfg, init, trainer, data, tensorboard)
-        write_report(run_dir, cfg, trainer, pretrain_info, wall_s, pictures)
+        write_report(run_dir, cfg, trainer, pretrain_info, wall_s, pictures, placement)
         if stop.signum is not None:
             print(f"stopped at iteration {trainer.iteration}; continue with --run-dir {run_dir} --resume auto", file=sys.stderr)
             return 128 + stop.signum
+    except ResourceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except (NonFiniteError, ComponentLost, RolloutError) as err:
         last = latest_checkpoint(run_dir)
         print(f"error: {err}; last checkpoint: {last or 'none'} (resume with --run-dir {run_dir} --resume auto)", file=sys.stderr)
@@ -187,10 +277,9 @@ def train(
             tensorboard.close()
         if system is not None:
             system.shutdown()
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+        elif launch.actors is not None:
+            launch.actors.shutdown()
+        launch.shutdown_ray()
     print(f"run directory: {run_dir}", file=sys.stderr)
     return 0
 

@@ -34,6 +34,10 @@ class System:
     backend: str
     shutdown: Callable[[], None] = lambda: None
 
+    def placement(self) -> dict[str, dict[str, Any]]:
+        """Where each component runs, by name: node, torch device and the GPUs Ray gave it."""
+        return {h.name: h.placement() for h in [*self.workers, self.buffer, self.learner, self.critic]}
+
 
 def build_local_system(cfg: Config, init, real_data=None) -> System:
     """Every component in this process (``ray.backend: local``): no Ray at all."""

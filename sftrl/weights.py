@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import torch
@@ -27,3 +28,14 @@ def load_numpy_state(module: nn.Module, state: NumpyState) -> None:
     """Load a numpy state dict strictly (every key, every shape)."""
     # Arrays from Ray's object store are read-only views: copy before handing them to torch.
     module.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}, strict=True)
+
+
+def tensor_view(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``array`` as a tensor without a copy where possible (a copy on another device).
+
+    Arrays from Ray's object store are read-only; torch warns that writing through such a
+    tensor is undefined. Callers only read these (trajectory blocks), so the warning is noise.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(array, device=device)

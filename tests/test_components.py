@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import REPO, assert_close
 from sftrl.algos import losses, make_algorithm
 from sftrl.buffer import ReplayBuffer, TrajectoryBlock, block_transitions
-from sftrl.config import AlgoConfig
+from sftrl.config import AlgoConfig, load
 from sftrl.critic import CriticLearner, TensorData
 from sftrl.data.toy import gaussian_cluster
 from sftrl.diffusion.schedules import make_schedule
@@ -653,3 +653,38 @@ def test_sync_loop_moves_the_sampler_towards_the_gaussian_cluster():
     assert max(after) < min(before) - 0.05, (before, after)
     # the critic learned to tell the sampler from the data: its IPM estimate grew
     assert np.mean(gaps[-5:]) > np.mean(gaps[:5]) + 0.1
+
+
+def test_cuda_device_without_a_gpu_is_a_config_error(monkeypatch):
+    from sftrl.components import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load(REPO / "configs" / "smoke.yaml", ["device=cuda", "ray.backend=local"])
+    with pytest.raises(ValueError, match=r"device: 'cuda' was asked for .* valid here: auto or cpu"):
+        resolve_device(cfg)
+    assert resolve_device(load(REPO / "configs" / "smoke.yaml", ["device=auto"])) == "cpu"
+
+
+def test_resource_check_errors_on_a_fixed_cluster_and_warns_on_a_joined_one():
+    from sftrl.distributed.system import check_resources
+    from sftrl.handles import ResourceError
+
+    cfg = load(REPO / "configs" / "smoke.yaml", ["rollout.num_workers=4", "rollout.num_cpus_per_worker=1"])
+    assert check_resources(cfg, {"CPU": 4.0}, fixed=True) is None
+    with pytest.raises(ResourceError, match=r"CPU: 4 asked \(rollout.num_workers=4 x rollout.num_cpus_per_worker=1\), "
+                                            r"the cluster has 2"):
+        check_resources(cfg, {"CPU": 2.0}, fixed=True)
+    warning = check_resources(cfg, {"CPU": 2.0}, fixed=False)
+    assert warning.startswith("warning:") and "an autoscaler may add nodes" in warning
+
+
+def test_cuda_device_through_ray_needs_a_gpu_share_for_every_actor():
+    from sftrl.configtools import ConfigError
+    from sftrl.distributed.system import actor_config
+
+    with pytest.raises(ConfigError, match=r"'device' = 'cuda'.*ray.learner_num_gpus=0, ray.critic_num_gpus=0"):
+        load(REPO / "configs" / "smoke.yaml", ["device=cuda", "rollout.num_gpus_per_worker=0.5"])
+    cfg = load(REPO / "configs" / "smoke.yaml", ["rollout.num_gpus_per_worker=0.5"])  # device: auto
+    assert actor_config(cfg, 0.5).device == "cuda" and actor_config(cfg, 0.0).device == "cpu"
+    explicit = load(REPO / "configs" / "smoke.yaml", ["device=cpu", "rollout.num_gpus_per_worker=0.5"])
+    assert actor_config(explicit, 0.5).device == "cpu"

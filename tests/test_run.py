@@ -35,6 +35,13 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run):
     assert train_lines[-1]["counters/chains"] == 20 * 2 * 64
     report = json.loads((run_dir / "report.json").read_text())
     assert report["backend"] == "ray" and report["iterations"] == 20
+    # Where each actor ran: one Ray node (this machine), every component on the CPU here.
+    placement = report["placement"]
+    assert set(placement) == {"worker-0", "buffer", "learner", "critic"}
+    assert len({where["node"] for where in placement.values()}) == 1
+    assert placement["worker-0"]["device"] == placement["learner"]["device"] == "cpu"
+    assert placement["buffer"]["device"] == "-" and placement["learner"]["gpu_ids"] == []
+    assert "worker-0 cpu on " in (run_dir / "report.md").read_text()
     rows = report["evaluations"]
     assert [r["sampler"] for r in rows] == ["initial (pretrained)", "fine-tuned"]
     assert rows[0]["sw2_floor_mean"] > 0 and rows[1]["sw2_mean"] > rows[1]["sw2_floor_mean"]
@@ -72,6 +79,22 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path, override, ne
     assert result.returncode == 2
     assert needle in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not run_dir.exists()
+
+
+def test_gpu_ask_beyond_the_in_process_cluster_is_one_line_exit_2(tmp_path, cache_dir):
+    """Actors asking for GPUs that a Ray started here does not have would wait forever."""
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        ["sftrl.run", "configs/smoke.yaml", f"pretrain.cache_dir={cache_dir}", "ray.num_cpus=2",
+         "rollout.num_gpus_per_worker=0.5", "ray.learner_num_gpus=0.25", "--run-dir", str(run_dir), "--no-progress"],
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "GPU: 0.75 asked (rollout.num_workers=1 x rollout.num_gpus_per_worker=0.5 + ray.learner_num_gpus=0.25" in errors[0]
+    assert "the cluster has 0" in errors[0] and "rollout.num_gpus_per_worker=0 " in errors[0]
     assert not run_dir.exists()
 
 

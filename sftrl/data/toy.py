@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from sklearn.datasets import make_moons, make_swiss_roll
 
 __all__ = [
     "TOY_DATASETS",
@@ -49,6 +48,8 @@ def swiss_roll(n: int, *, seed: int, noise: float = 0.05) -> np.ndarray:
     Returns:
         ``float32`` array of shape ``(n, 2)``.
     """
+    from sklearn.datasets import make_swiss_roll  # lazily: sklearn's import is ~2 s per process
+
     x, _ = make_swiss_roll(_check_n(n), noise=noise, random_state=seed)
     return (x[:, [0, 2]] / 20.0).astype(np.float32)
 
@@ -62,6 +63,8 @@ def two_moons(n: int, *, seed: int, noise: float = 0.05) -> np.ndarray:
     Returns:
         ``float32`` array of shape ``(n, 2)``.
     """
+    from sklearn.datasets import make_moons
+
     x, _ = make_moons(_check_n(n), noise=noise, random_state=seed)
     return (x / 2.0).astype(np.float32)
 

@@ -6,6 +6,6 @@ the trainer the same ``call``/``resolve`` interface as a local object; its futur
 references that flow from one actor to the next without passing through the driver.
 """
 
-from sftrl.distributed.system import RayHandle, build_ray_system, init_ray
+from sftrl.distributed.system import RayHandle, RaySystemLaunch, build_ray_system, init_ray
 
-__all__ = ["RayHandle", "build_ray_system", "init_ray"]
+__all__ = ["RayHandle", "RaySystemLaunch", "build_ray_system", "init_ray"]

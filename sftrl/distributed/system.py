@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -11,14 +13,21 @@ import ray
 from sftrl import components
 from sftrl.buffer import ReplayBuffer
 from sftrl.config import Config
-from sftrl.handles import ComponentLost
+from sftrl.handles import ComponentLost, ResourceError, component_device
 from sftrl.trainer import System
 
 
 class ComponentActor:
-    """A thin shell: builds one plain component with ``factory(*args)`` and forwards calls."""
+    """A thin shell: builds one plain component with ``factory(*args)`` and forwards calls.
 
-    def __init__(self, factory: Callable[..., Any], *args: Any):
+    Without a factory the shell starts empty (its process up, torch imported) and ``build``
+    makes the component later: the learner's actor starts while the sampler is pretrained.
+    """
+
+    def __init__(self, factory: Callable[..., Any] | None = None, *args: Any):
+        self.component = factory(*args) if factory is not None else None
+
+    def build(self, factory: Callable[..., Any], *args: Any) -> None:
         self.component = factory(*args)
 
     def call(self, method: str, *args: Any) -> Any:
@@ -26,6 +35,14 @@ class ComponentActor:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def placement(self) -> dict[str, Any]:
+        return {
+            "node": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
+            "device": component_device(self.component),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        }
 
 
 def _ray_buffer() -> ReplayBuffer:
@@ -57,6 +74,9 @@ class RayHandle:
     def ping(self) -> None:
         self.node_id()
 
+    def placement(self) -> dict[str, Any]:
+        return self.resolve(self.actor.placement.remote())
+
 
 def init_ray(cfg: Config) -> bool:
     """Join the configured or surrounding cluster, else start Ray in-process.
@@ -76,37 +96,99 @@ def init_ray(cfg: Config) -> bool:
     return True
 
 
-def build_ray_system(cfg: Config, init: components.InitState) -> System:
-    """Rollout workers (spread across nodes), one buffer, one learner and one critic actor."""
-    actor = ray.remote(ComponentActor)
-    init_ref = ray.put(init)  # the pretrained weights travel once, shared by learner and critic
-    # Workers get only the data shape (small, inlined): restartable actors should not depend on
-    # object-store arguments, and every collect() call brings the current weights anyway.
-    worker_init = init.shape_only()
-    r = cfg.rollout
-    workers = [
-        actor.options(
-            num_cpus=r.num_cpus_per_worker,
-            num_gpus=r.num_gpus_per_worker,
-            max_restarts=r.max_restarts,
-            scheduling_strategy="SPREAD",
-        ).remote(components.make_rollout_worker, cfg, worker_init, i)
-        for i in range(r.num_workers)
-    ]
-    buffer = actor.options(num_cpus=0).remote(_ray_buffer)
-    learner = actor.options(num_cpus=0, num_gpus=cfg.ray.learner_num_gpus).remote(components.make_learner, cfg, init_ref)
-    critic = actor.options(num_cpus=0, num_gpus=cfg.ray.critic_num_gpus).remote(components.make_critic_learner, cfg, init_ref)
-    handles = [RayHandle(w, f"worker-{i}") for i, w in enumerate(workers)]
+def resource_asks(cfg: Config) -> dict[str, tuple[float, str]]:
+    """What the actors reserve in all: ``{resource: (amount, the config keys behind it)}``."""
+    r, g = cfg.rollout, cfg.ray
+    return {
+        "CPU": (r.num_workers * r.num_cpus_per_worker,
+                f"rollout.num_workers={r.num_workers} x rollout.num_cpus_per_worker={r.num_cpus_per_worker:g}"),
+        "GPU": (r.num_workers * r.num_gpus_per_worker + g.learner_num_gpus + g.critic_num_gpus,
+                f"rollout.num_workers={r.num_workers} x rollout.num_gpus_per_worker={r.num_gpus_per_worker:g} "
+                f"+ ray.learner_num_gpus={g.learner_num_gpus:g} + ray.critic_num_gpus={g.critic_num_gpus:g}"),
+    }
 
-    def shutdown() -> None:
-        for a in [*workers, buffer, learner, critic]:
+
+def check_resources(cfg: Config, have: dict[str, float], *, fixed: bool) -> str | None:
+    """Actors that ask for more than the cluster has would wait forever. On a cluster of fixed
+    size (Ray started by this command) that is an error; on a joined cluster an autoscaler may
+    still add nodes, so it is a warning (returned, for the caller to print)."""
+    short = [
+        f"{resource}: {amount:g} asked ({keys}), the cluster has {have.get(resource, 0.0):g}"
+        for resource, (amount, keys) in resource_asks(cfg).items()
+        if amount > have.get(resource, 0.0) + 1e-9
+    ]
+    if not short:
+        return None
+    message = "the actors ask for more than the Ray cluster has: " + "; ".join(short)
+    if fixed:
+        hint = " (set rollout.num_gpus_per_worker=0 ray.learner_num_gpus=0 ray.critic_num_gpus=0)" if any(
+            s.startswith("GPU") for s in short) else ""
+        raise ResourceError(f"{message}. Lower them{hint}, or give ray.address of a larger cluster")
+    return f"warning: {message}; waiting for the cluster to grow (an autoscaler may add nodes)"
+
+
+def actor_config(cfg: Config, num_gpus: float) -> Config:
+    """``device: auto`` inside an actor: the GPU exactly when Ray reserved a share of one for it
+    (an actor without a share must not compute on a GPU another actor reserved)."""
+    if cfg.device != "auto":
+        return cfg
+    return dataclasses.replace(cfg, device="cuda" if num_gpus > 0 else "cpu")
+
+
+class RaySystemLaunch:
+    """The actors of one run, started before the pretrained weights exist.
+
+    Rollout workers, the buffer and the critic need only the data shape (the critic and the
+    baseline are not pretrained); the learner's actor starts empty. ``finish(init)`` builds the
+    learner from the pretrained sampler and returns the ``System``.
+    """
+
+    def __init__(self, cfg: Config, data_shape: tuple[int, ...], *, fixed_size: bool = False):
+        """``fixed_size``: Ray was started by this command, so no node will join (``check_resources``)."""
+        warning = check_resources(cfg, ray.cluster_resources(), fixed=fixed_size)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+        self.cfg = cfg
+        actor = ray.remote(ComponentActor)
+        # Every argument is small and inlined: restartable workers must not depend on
+        # object-store arguments, and every collect() call brings the current weights anyway.
+        shape_only = components.InitState(None, tuple(data_shape))
+        r = cfg.rollout
+        self.workers = [
+            actor.options(
+                num_cpus=r.num_cpus_per_worker,
+                num_gpus=r.num_gpus_per_worker,
+                max_restarts=r.max_restarts,
+                scheduling_strategy="SPREAD",
+            ).remote(components.make_rollout_worker, actor_config(cfg, r.num_gpus_per_worker), shape_only, i)
+            for i in range(r.num_workers)
+        ]
+        self.buffer = actor.options(num_cpus=0).remote(_ray_buffer)
+        self.critic = actor.options(num_cpus=0, num_gpus=cfg.ray.critic_num_gpus).remote(
+            components.make_critic_learner, actor_config(cfg, cfg.ray.critic_num_gpus), shape_only
+        )
+        self.learner = actor.options(num_cpus=0, num_gpus=cfg.ray.learner_num_gpus).remote()
+
+    def finish(self, init: components.InitState) -> System:
+        """Build the learner from the pretrained sampler (waits for it) and hand out the handles."""
+        handles = [RayHandle(w, f"worker-{i}") for i, w in enumerate(self.workers)]
+        learner = RayHandle(self.learner, "learner")
+        learner_cfg = actor_config(self.cfg, self.cfg.ray.learner_num_gpus)
+        learner.resolve(self.learner.build.remote(components.make_learner, learner_cfg, ray.put(init)))
+        return System(
+            workers=handles,
+            buffer=RayHandle(self.buffer, "buffer"),
+            learner=learner,
+            critic=RayHandle(self.critic, "critic"),
+            backend="ray",
+            shutdown=self.shutdown,
+        )
+
+    def shutdown(self) -> None:
+        for a in [*self.workers, self.buffer, self.learner, self.critic]:
             ray.kill(a, no_restart=True)
 
-    return System(
-        workers=handles,
-        buffer=RayHandle(buffer, "buffer"),
-        learner=RayHandle(learner, "learner"),
-        critic=RayHandle(critic, "critic"),
-        backend="ray",
-        shutdown=shutdown,
-    )
+
+def build_ray_system(cfg: Config, init: components.InitState, *, fixed_size: bool = False) -> System:
+    """Rollout workers (spread across nodes), one buffer, one learner and one critic actor."""
+    return RaySystemLaunch(cfg, init.data_shape, fixed_size=fixed_size).finish(init)
