@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         launch.abandon()
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        launch.abandon()
+        print("interrupted before fine-tuning: nothing was cached or written", file=sys.stderr)
+        return 128 + signal.SIGINT
     except BaseException:
         launch.abandon()
         raise

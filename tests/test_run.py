@@ -98,6 +98,21 @@ def test_gpu_ask_beyond_the_in_process_cluster_is_one_line_exit_2(tmp_path, cach
     assert not run_dir.exists()
 
 
+def test_ctrl_c_while_the_sampler_pretrains_exits_130_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import sftrl.run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sftrl.run, "build_initial_sampler", interrupted)
+    run_dir = tmp_path / "run"
+    code = sftrl.run.main(["configs/smoke.yaml", f"pretrain.cache_dir={tmp_path / 'cache'}", "ray.backend=local",
+                           "--run-dir", str(run_dir), "--no-progress"])
+    assert code == 130
+    assert "interrupted before fine-tuning: nothing was cached or written" in capsys.readouterr().err
+    assert not run_dir.exists() and not (tmp_path / "cache").exists()
+
+
 def test_missing_config_file_is_named(tmp_path):
     result = run_cli(["sftrl.run", "configs/nope.yaml", "--run-dir", str(tmp_path / "r")], timeout=60)
     assert result.returncode == 2 and "config file 'configs/nope.yaml' not found" in result.stderr

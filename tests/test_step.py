@@ -359,3 +359,20 @@ def test_eps_mse_loss_is_zero_for_the_exact_denoiser_and_the_plain_mse_otherwise
 
     loss, _ = eps_mse_loss(Zero(), x_0, abar, t, noise)
     assert loss.item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-14)
+
+
+def test_pretraining_stops_at_the_next_epoch_when_asked():
+    import threading
+
+    from sftrl.models.toy import ToySampler
+    from sftrl.pretraining import PretrainingStopped, pretrain_sampler
+
+    stop = threading.Event()
+    stop.set()
+    model = ToySampler(num_train_steps=10, hidden=16)
+    before = [p.detach().clone() for p in model.parameters()]
+    data = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+    with pytest.raises(PretrainingStopped, match="after 0 of 5 epochs"):
+        pretrain_sampler(model, data, make_betas("sigmoid", 10), epochs=5, batch_size=32, lr=1e-3,
+                         max_grad_norm=1.0, seed=0, progress=False, stop=stop)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # not one step taken
