@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     launch = Launch(cfg)
     try:
-        init, pretrain_info = launch.start_while_pretraining(tuple(data.shape[1:]), data, not args.no_progress)
+        init, pretrain_info = launch.start_while_pretraining(data, not args.no_progress)
     except USER_ERRORS as err:
         launch.abandon()
         print(f"error: {err}", file=sys.stderr)
@@ -139,8 +139,10 @@ class Launch:
         self.started_ray = False  # this command started Ray (and shuts it down)
         self.actors = None  # a RaySystemLaunch once the actors are asked for
 
-    def start_while_pretraining(self, data_shape: tuple[int, ...], data: np.ndarray, progress: bool):
+    def start_while_pretraining(self, data: np.ndarray, progress: bool):
         from sftrl.pretraining import cache_path
+
+        data_shape = tuple(data.shape[1:])
 
         if self.cfg.model.checkpoint or cache_path(self.cfg).is_file():
             # Loading takes seconds, and a bad checkpoint is reported before anything starts.
@@ -166,12 +168,12 @@ class Launch:
         self.actors = RaySystemLaunch(self.cfg, data_shape, fixed_size=self.started_ray)
 
     def system(self, init, data):
-        """The components' handles: the Ray actors finished with ``init``, else local objects."""
+        """The components' handles: the Ray actors (started by ``start_while_pretraining``)
+        finished with ``init``, else local objects."""
         from sftrl.trainer import build_local_system
 
         if self.cfg.ray.backend != "ray":
             return build_local_system(self.cfg, init, data)
-        self.start_ray(init.data_shape)
         return self.actors.finish(init)
 
     def abandon(self) -> None:
@@ -228,18 +230,17 @@ def train(
     resume_state,
     *,
     progress: bool,
+    launch: Launch,
     started: float | None = None,
-    launch: Launch | None = None,
 ) -> int:
     """Fine-tune and report. Returns 0, 128 + signal when stopped by a signal, 1 on a fatal fault.
-    ``launch``: the Ray start begun during pretraining (else Ray starts here)."""
+    ``launch``: what ``Launch.start_while_pretraining`` started."""
     from sftrl.evaluation import build_evaluator
-    from sftrl.handles import ComponentLost, ResourceError
+    from sftrl.handles import ComponentLost
     from sftrl.report import make_pictures, placement_summary, write_report
     from sftrl.tensorboard import TensorBoardLogger
     from sftrl.trainer import NonFiniteError, RolloutError, Trainer
 
-    launch = launch or Launch(cfg)
     system = tensorboard = None
     try:
         system = launch.system(init, data)
@@ -269,9 +270,6 @@ def train(
         if stop.signum is not None:
             print(f"stopped at iteration {trainer.iteration}; continue with --run-dir {run_dir} --resume auto", file=sys.stderr)
             return 128 + stop.signum
-    except ResourceError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except (NonFiniteError, ComponentLost, RolloutError) as err:
         last = latest_checkpoint(run_dir)
         print(f"error: {err}; last checkpoint: {last or 'none'} (resume with --run-dir {run_dir} --resume auto)", file=sys.stderr)

@@ -38,7 +38,7 @@ class ComponentActor:
 
     def placement(self) -> dict[str, Any]:
         return {
-            "node": ray.get_runtime_context().get_node_id(),
+            "node": self.node_id(),
             "ip": ray.util.get_node_ip_address(),
             "device": component_device(self.component),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
