@@ -15,9 +15,11 @@ The default run starts from a cold pretraining cache, so its wall time includes 
 evaluation at or below SW2 1.0e-2, the issue's target.
 
 Ray overhead: the smoke config's iteration time through Ray against the same components in one
-process (``ray.backend=local``): the median over iterations 101-300 of each run (after the
-start's evaluation), runs of the two backends alternated ``--overhead-repeats`` times (the
-machine's speed drifts), and the median of the per-pair ratios.
+process (``ray.backend=local``), both through ``python -m sftrl.run``: the median over
+iterations 101-300 of each run (after the start's evaluation) of ``time/iteration_s``, the wall
+time from one iteration's end to the next's (logging and checkpoints included), runs of the two
+backends alternated ``--overhead-repeats`` times (the machine's speed drifts), and the median of
+the per-pair ratios.
 """
 
 from __future__ import annotations

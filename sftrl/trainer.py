@@ -66,6 +66,7 @@ class Rollouts:
 
     ids: list[str]
     policy_weights: Any
+    critic_weights: Any
     calls: list[tuple[Any, list[str], Any]] = dataclasses.field(default_factory=list)
 
     def blocks(self) -> list[Any]:
@@ -178,6 +179,8 @@ class Trainer:
         self._rollout_reward = float("nan")
         self._weights_lag = 0
         self._policy_weights = None  # theta's latest published version (a future)
+        self._next_rollouts: Rollouts | None = None  # the next iteration's, asked for ahead
+        self._previous_end: float | None = None  # perf_counter() at the end of the last step
         self.evaluations: list[dict[str, Any]] = []
         self._evaluating: list[tuple[int, int, Future]] = []  # (iteration, version, result), in order
         self._evaluation_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftrl-eval")
@@ -189,14 +192,20 @@ class Trainer:
 
     def step(self) -> dict[str, float]:
         """One iteration: publish theta, roll out, critic phase (it publishes the critic), generator
-        phase, clear the buffer."""
+        phase, clear the buffer.
+
+        ``time/iteration_s`` is the wall time since the previous iteration ended (what an
+        iteration costs, the driver's logging and checkpoints between iterations included)."""
         start = time.perf_counter()
-        policy_weights = self.publish_weights()
-        rollouts = self.collect_rollouts(policy_weights)
+        rollouts, self._next_rollouts = self._next_rollouts, None
+        if rollouts is None:
+            rollouts = self.collect_rollouts(self.publish_weights(), self._critic_weights, self.iteration)
         critic_metrics, policy_metrics = self.update_critic_then_policy(rollouts)
         self.clear_buffer()
         self.iteration += 1
-        seconds = time.perf_counter() - start
+        end = time.perf_counter()
+        seconds = end - (self._previous_end if self._previous_end is not None else start)
+        self._previous_end = end
         chains = self.cfg.algo.n_critic * self.cfg.algo.batch_size
         return {
             **mean_metrics(critic_metrics, "critic"),
@@ -215,20 +224,38 @@ class Trainer:
             self._policy_weights = self.system.learner.call("get_weights")
         return self._policy_weights
 
-    def collect_rollouts(self, policy_weights: Any) -> Rollouts:
-        """Ask the workers for n_critic blocks of m chains (not waited for: the critic's call
-        takes the block references directly)."""
+    def collect_rollouts(self, policy_weights: Any, critic_weights: Any, iteration: int) -> Rollouts:
+        """Ask the workers for iteration ``iteration``'s n_critic blocks of m chains (not waited
+        for: the critic's call takes the block references directly)."""
         a = self.cfg.algo
-        rollouts = Rollouts(ids=[f"it{self.iteration}/b{k}" for k in range(a.n_critic)], policy_weights=policy_weights)
+        rollouts = Rollouts(ids=[f"it{iteration}/b{k}" for k in range(a.n_critic)], policy_weights=policy_weights,
+                            critic_weights=critic_weights)
         self._submit(rollouts, rollouts.ids, self.system.workers)
         return rollouts
+
+    def _may_roll_ahead(self) -> bool:
+        """Whether the next iteration's rollouts may be asked for before this iteration ends.
+
+        They take theta's next version as a future, so Ray starts them the moment the learner
+        publishes it, while the driver logs this iteration (Algorithm 1 unchanged: the same
+        weights, one iteration later in the driver's code). Not before a checkpoint, which
+        records the workers' random streams (a resumed run repeats an uninterrupted one bit for
+        bit), nor after the last iteration or a stop request.
+        """
+        following = self.iteration + 1  # the iteration the next step runs
+        t = self.cfg.trainer
+        return (
+            following < t.iterations
+            and not self.stop_requested
+            and not (t.checkpoint_every and following % t.checkpoint_every == 0)
+        )
 
     def _submit(self, rollouts: Rollouts, ids: list[str], workers: list[Handle]) -> None:
         a = self.cfg.algo
         for i, worker in enumerate(workers):
             worker_ids = ids[i :: len(workers)]
             if worker_ids:
-                out = worker.call("collect", rollouts.policy_weights, self._critic_weights, worker_ids, a.batch_size,
+                out = worker.call("collect", rollouts.policy_weights, rollouts.critic_weights, worker_ids, a.batch_size,
                                   num_returns=len(worker_ids) + 1)
                 rollouts.calls.append((worker, worker_ids, out))
 
@@ -297,6 +324,8 @@ class Trainer:
             except ComponentLost:
                 self._recover(rollouts, policy)
                 continue
+            if self._may_roll_ahead():
+                self._next_rollouts = self.collect_rollouts(policy.weights, critic.weights, self.iteration + 1)
             try:
                 policy_metrics = policy.handle.resolve(policy.metrics)
             except ComponentLost:
@@ -415,7 +444,9 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         """Everything needed to resume (loaded with weights_only=True). Evaluations still running
-        are not in it (the curve of a run resumed after a crash may miss them)."""
+        are not in it (the curve of a run resumed after a crash may miss them). Rollouts asked for
+        ahead (never before a scheduled checkpoint) may be in flight: the workers' random streams
+        then include them, and the resumed run draws new ones (sound, but not bit for bit)."""
         self.collect_evaluations()
         s = self.system
         learner_state = s.learner.call("state_dict")
@@ -448,6 +479,7 @@ class Trainer:
         self.events = json.loads(state.get("events", "[]"))
         self._critic_weights = s.critic.call("get_weights")
         self._policy_weights = None
+        self._next_rollouts = None
         self.log.truncate_after(self.iteration)
 
     def checkpoint(self) -> Path:

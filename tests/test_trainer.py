@@ -1,0 +1,42 @@
+"""The trainer's loop: the next iteration's rollouts are asked for ahead, never before a checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import REPO
+from sftrl.components import InitState
+from sftrl.config import load
+from sftrl.data import load_real_data
+from sftrl.models import build_networks
+from sftrl.trainer import Trainer, build_local_system
+from sftrl.weights import to_numpy_state
+
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def test_rollouts_are_asked_for_one_iteration_ahead_except_before_a_checkpoint(tmp_path):
+    cfg = load(SMOKE, ["ray.backend=local", "trainer.iterations=5", "trainer.checkpoint_every=3",
+                       "trainer.log_every=1", "trainer.eval_every=0"])
+    data = load_real_data(cfg)
+    sampler, _, _ = build_networks(cfg, data.shape[1:])
+    system = build_local_system(cfg, InitState(to_numpy_state(sampler), tuple(data.shape[1:])), data)
+    trainer = Trainer(cfg, system, tmp_path, progress=False)
+    worker = system.workers[0]
+    original_call = worker.call
+    asked = []  # (the trainer's iteration when asked, the block ids asked for)
+
+    def recording_call(method, *args, **kwargs):
+        if method == "collect":
+            asked.append((trainer.iteration, args[2][0].split("/")[0]))
+        return original_call(method, *args, **kwargs)
+
+    worker.call = recording_call
+    trainer.fit()
+    # it1, it2 and it4 are asked for during the step before theirs; it3 follows the checkpoint
+    # after iteration 3 and is asked for in its own step; nothing follows the last iteration.
+    assert asked == [(0, "it0"), (0, "it1"), (1, "it2"), (3, "it3"), (3, "it4")]
+    assert trainer.counters["blocks"] == 5 * cfg.algo.n_critic
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "time/iteration_s" in x]
+    assert [x["iteration"] for x in lines] == [1, 2, 3, 4, 5]
+    assert all(x["time/iteration_s"] > 0 and x["rollout/weights_lag"] == 0 for x in lines)
