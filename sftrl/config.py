@@ -83,6 +83,11 @@ class PretrainConfig:
     max_grad_norm: float = doc_field(1.0, "Gradient-norm clip during pretraining (paper: 1.0).")
     seed: int = doc_field(0, "Pretraining seed.")
     cache_dir: str = doc_field("~/.cache/sftrl/pretrained", "Where pretrained samplers are cached.")
+    ema_decay: float | None = doc_field(
+        None,
+        "Keep the moving average of the pretraining weights with this decay (null: the model's recipe, "
+        "0.999 for the U-Net, none for the toy MLP as in the paper; 0: none).",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +209,8 @@ class Config:
             need(getattr(p, key) >= 1, f"pretrain.{key}", getattr(p, key), "must be >= 1")
         need(p.lr > 0, "pretrain.lr", p.lr, "must be > 0")
         need(p.max_grad_norm > 0, "pretrain.max_grad_norm", p.max_grad_norm, "must be > 0")
+        need(p.ema_decay is None or 0 <= p.ema_decay < 1, "pretrain.ema_decay", p.ema_decay,
+             "must be null (the model's recipe) or in [0, 1) (0: no average)")
         r = self.rollout
         need(r.num_workers >= 1, "rollout.num_workers", r.num_workers, "must be >= 1")
         need(r.num_gpus_per_worker >= 0, "rollout.num_gpus_per_worker", r.num_gpus_per_worker, "must be >= 0")
@@ -247,6 +254,8 @@ def pretrain_key(cfg: Config) -> str:
         "beta_schedule": cfg.diffusion.beta_schedule,
         "sampler": cfg.model.sampler,
         "hidden": cfg.model.hidden,
-        "pretrain": {k: v for k, v in to_dict(cfg.pretrain).items() if k != "cache_dir"},
+        # ema_decay joins the key only when set, so samplers cached before it existed stay valid.
+        "pretrain": {k: v for k, v in to_dict(cfg.pretrain).items()
+                     if k != "cache_dir" and not (k == "ema_decay" and v is None)},
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

@@ -255,11 +255,20 @@ def load_initial_checkpoint(path: str | Path, model: nn.Module, cfg: Config) -> 
     return {"source": "checkpoint", "format": DDIM_FORMAT, "path": str(path), "seconds": 0.0}
 
 
+def pretrain_ema_decay(cfg: Config) -> float | None:
+    """``pretrain.ema_decay``, or the model's recipe when it is null: the U-Net keeps the average
+    (as the DDPM checkpoints do), the toy MLP does not (the paper). 0 means none."""
+    decay = cfg.pretrain.ema_decay
+    if decay is None:
+        return UNET_EMA_DECAY if cfg.model.sampler == "unet" else None
+    return decay or None
+
+
 def cache_path(cfg: Config) -> Path:
     """``<pretrain.cache_dir>/<data>-T<T>-<key>.pt``; the U-Net's architecture joins the key."""
     key = pretrain_key(cfg)
     if cfg.model.sampler == "unet":
-        recipe = json.dumps({**unet_architecture(cfg), "ema_decay": UNET_EMA_DECAY}, sort_keys=True)
+        recipe = json.dumps({**unet_architecture(cfg), "ema_decay": pretrain_ema_decay(cfg)}, sort_keys=True)
         key = hashlib.sha256(f"{key}/{recipe}".encode()).hexdigest()[:16]
     return Path(cfg.pretrain.cache_dir).expanduser() / f"{cfg.data.name}-T{cfg.diffusion.num_train_steps}-{key}.pt"
 
@@ -299,7 +308,7 @@ def load_or_pretrain(
         seed=cfg.pretrain.seed,
         device=device,
         progress=progress,
-        ema_decay=UNET_EMA_DECAY if cfg.model.sampler == "unet" else None,
+        ema_decay=pretrain_ema_decay(cfg),
         stop=stop,
     )
     save_atomic(sampler_checkpoint(model, cfg, info), path)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_close
+from conftest import REPO, assert_close
 from sftrl.diffusion.betas import alphas_cumprod, make_betas
 from sftrl.diffusion.pretrain import eps_mse_loss, q_sample
 from sftrl.diffusion.schedules import SCHEDULE_NAMES, make_schedule
@@ -376,3 +376,25 @@ def test_pretraining_stops_at_the_next_epoch_when_asked():
         pretrain_sampler(model, data, make_betas("sigmoid", 10), epochs=5, batch_size=32, lr=1e-3,
                          max_grad_norm=1.0, seed=0, progress=False, stop=stop)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # not one step taken
+
+
+def test_pretrain_ema_decay_follows_the_model_recipe_and_keys_the_cache_only_when_set(tmp_path):
+    from sftrl.config import load, pretrain_key
+    from sftrl.pretraining import UNET_EMA_DECAY, cache_path, load_or_pretrain, pretrain_ema_decay
+
+    smoke = load(REPO / "configs" / "smoke.yaml", [f"pretrain.cache_dir={tmp_path}", "pretrain.epochs=2"])
+    assert pretrain_ema_decay(smoke) is None  # the toy MLP: the paper's recipe keeps no average
+    assert pretrain_ema_decay(load(REPO / "configs" / "celeba.yaml", [])) == UNET_EMA_DECAY
+    # samplers cached before the key existed keep their key; a set decay is another sampler
+    assert pretrain_key(load(REPO / "configs" / "smoke.yaml", [])) == "8d0774b8135453bc"
+    averaged = load(REPO / "configs" / "smoke.yaml", [f"pretrain.cache_dir={tmp_path}", "pretrain.epochs=2",
+                                          "pretrain.ema_decay=0.9"])
+    assert pretrain_ema_decay(averaged) == 0.9 and cache_path(averaged) != cache_path(smoke)
+    data = np.random.default_rng(0).normal(size=(256, 2)).astype(np.float32)
+    models = {}
+    for name, cfg in (("raw", smoke), ("averaged", averaged)):
+        torch.manual_seed(0)
+        models[name] = ToySampler(cfg.diffusion.num_train_steps, hidden=cfg.model.hidden)
+        assert load_or_pretrain(cfg, models[name], data, progress=False)["source"] == "pretrained"
+    raw, avg = (torch.cat([p.flatten() for p in models[k].parameters()]) for k in ("raw", "averaged"))
+    assert not torch.equal(raw, avg)  # the same training run, ending on the average of its weights
