@@ -24,14 +24,12 @@ from sftrl.weights import NumpyState, load_numpy_state
 class InitState:
     """What every component starts from: the pretrained sampler and the data's shape.
 
-    Rollout workers may get ``sampler_state=None``: every ``collect`` call brings the weights.
+    Rollout workers and the critic get ``sampler_state=None``: they start before pretraining
+    ends, and every ``collect`` call brings the current weights.
     """
 
     sampler_state: NumpyState | None
     data_shape: tuple[int, ...]
-
-    def shape_only(self) -> InitState:
-        return InitState(None, self.data_shape)
 
 
 def resolve_device(cfg: Config) -> str:

@@ -254,8 +254,7 @@ def pretrain_key(cfg: Config) -> str:
         "beta_schedule": cfg.diffusion.beta_schedule,
         "sampler": cfg.model.sampler,
         "hidden": cfg.model.hidden,
-        # ema_decay joins the key only when set, so samplers cached before it existed stay valid.
-        "pretrain": {k: v for k, v in to_dict(cfg.pretrain).items()
-                     if k != "cache_dir" and not (k == "ema_decay" and v is None)},
+        # Unset (null) options stay out of the key: samplers cached before an option existed keep theirs.
+        "pretrain": {k: v for k, v in to_dict(cfg.pretrain).items() if k != "cache_dir" and v is not None},
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
