@@ -2,6 +2,7 @@
 
     python benchmarks/table1.py [--out benchmarks/results/table1.json] [--pretrain-epochs N]
     python benchmarks/table1.py --only ddpm --pretrain-ema 0.999 --out benchmarks/results/ddpm-ema.json
+    python benchmarks/table1.py --only overhead --overhead-repeats 20 --out benchmarks/results/ray-overhead.json
 
 Rows:
 - DDPM T = 10, 100, 1000: the pretrained toy DDPM sampled with all T steps;
@@ -18,11 +19,15 @@ The default run starts from a cold pretraining cache, so its wall time includes 
 evaluation at or below SW2 1.0e-2, the issue's target.
 
 Ray overhead: the smoke config's iteration time through Ray against the same components in one
-process (``ray.backend=local``), both through ``python -m sftrl.run``: the median over
-iterations 101-300 of each run (after the start's evaluation) of ``time/iteration_s``, the wall
-time from one iteration's end to the next's (logging and checkpoints included), runs of the two
-backends alternated ``--overhead-repeats`` times (the machine's speed drifts), and the median of
-the per-pair ratios.
+process (``ray.backend=local``). Both systems are built in this process from one pretrained
+sampler and run in alternating blocks of 40 iterations, ``--overhead-repeats`` rounds: this
+machine's speed drifts by tens of percent within a minute, so runs of the two backends one after
+the other (the protocol until 2026-11-26) compared different machines. Each iteration does
+what ``Trainer.fit`` does per iteration with a metrics line (JSONL and TensorBoard) every
+iteration and no evaluation or checkpoint; its time is ``time/iteration_s``, the wall time from
+one iteration's end to the next's. Per block, the median over its iterations after the first
+two (which see the other backend's switch); the ratio is the median over rounds of Ray's block
+over the local block next to it.
 """
 
 from __future__ import annotations
@@ -102,24 +107,60 @@ def write_json(path: str | Path, result: dict) -> Path:
     return out
 
 
-# The steady state: the first iterations run beside the start's evaluation (a background thread
-# of the driver, which shares the process with the in-process backend's components).
-OVERHEAD_ITERATIONS, OVERHEAD_SKIP = 300, 100
+OVERHEAD_WARMUP, OVERHEAD_BLOCK, OVERHEAD_SKIP = 60, 40, 2
 
 
 def ray_overhead(workdir: Path, cache_dir: str, repeats: int) -> dict:
-    times: dict[str, list[float]] = {"local": [], "ray": []}
-    for k in range(repeats):
-        for backend in ("local", "ray"):
-            run_dir = workdir / f"overhead-{backend}-{k}"
-            run_sftrl("configs/smoke.yaml", [f"ray.backend={backend}", f"trainer.iterations={OVERHEAD_ITERATIONS}",
-                                             "trainer.log_every=1", f"pretrain.cache_dir={cache_dir}"], run_dir)
-            per_iteration = [json.loads(line)["time/iteration_s"]
-                             for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "time/iteration_s" in line]
-            times[backend].append(statistics.median(per_iteration[OVERHEAD_SKIP:]))
+    """Alternating blocks of the smoke config's iterations in one process and through Ray."""
+    from sftrl.run import Launch
+    from sftrl.tensorboard import TensorBoardLogger
+    from sftrl.trainer import Trainer
+
+    overrides = [f"pretrain.cache_dir={cache_dir}", "trainer.iterations=1000000", "trainer.log_every=1",
+                 "trainer.eval_every=0", "trainer.checkpoint_every=0"]
+    cfgs = {b: load(REPO / "configs" / "smoke.yaml", [*overrides, f"ray.backend={b}"]) for b in ("local", "ray")}
+    torch.set_num_threads(cfgs["local"].torch_threads)
+    data = load_real_data(cfgs["local"])
+    launches, trainers, sinks = {}, {}, []
+    try:
+        for backend, cfg in cfgs.items():
+            launches[backend] = launch = Launch(cfg)
+            init, _ = launch.start_while_pretraining(data, False)
+            run_dir = workdir / f"overhead-{backend}"
+            run_dir.mkdir(parents=True)
+            sinks.append(TensorBoardLogger(run_dir / "tensorboard"))
+            trainers[backend] = Trainer(cfg, launch.system(init, data), run_dir, None, progress=False,
+                                        log_sinks=(sinks[-1],))
+
+        def block(trainer: Trainer, n: int) -> list[float]:
+            # Trainer.fit's work per iteration, without evaluation, checkpoint or progress bar.
+            seconds = []
+            for _ in range(n):
+                metrics = trainer.step()
+                trainer.log.write({"iteration": trainer.iteration, **metrics,
+                                   **{f"counters/{k}": v for k, v in trainer.counters.items()}})
+                trainer.collect_evaluations()
+                seconds.append(metrics["time/iteration_s"])
+            return seconds
+
+        for trainer in trainers.values():
+            block(trainer, OVERHEAD_WARMUP)
+        times: dict[str, list[float]] = {"local": [], "ray": []}
+        for _ in range(repeats):
+            for backend, trainer in trainers.items():
+                times[backend].append(statistics.median(block(trainer, OVERHEAD_BLOCK)[OVERHEAD_SKIP:]))
+    finally:
+        for sink in sinks:
+            sink.close()
+        for trainer in trainers.values():
+            trainer.system.shutdown()
+        for launch in launches.values():
+            launch.shutdown_ray()
     ratios = [remote / local for local, remote in zip(times["local"], times["ray"])]
     return {"local": statistics.median(times["local"]), "ray": statistics.median(times["ray"]),
-            "ratio": statistics.median(ratios), "ratios": ratios, "runs": times}
+            "ratio": statistics.median(ratios), "ratios": ratios, "blocks": times,
+            "protocol": f"{repeats} rounds of {OVERHEAD_BLOCK} iterations per backend in one process, "
+                        f"after {OVERHEAD_WARMUP} warm-up iterations each"}
 
 
 def time_to_target(run_dir: Path) -> float | None:
@@ -142,7 +183,8 @@ def main() -> None:
                              "DDPM T = 100/1000 rows (with --pretrain-ema, their averaged twins too)")
     parser.add_argument("--pretrain-ema", type=float, default=None,
                         help="also DDPM T = 100/1000 rows pretrained with pretrain.ema_decay=DECAY")
-    parser.add_argument("--overhead-repeats", type=int, default=3, help="local/Ray run pairs for the overhead")
+    parser.add_argument("--overhead-repeats", type=int, default=10,
+                        help="rounds of alternating local/Ray blocks for the overhead")
     args = parser.parse_args()
     start = time.monotonic()
     if args.only == "overhead":
