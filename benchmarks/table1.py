@@ -137,8 +137,7 @@ def ray_overhead(workdir: Path, cache_dir: str, repeats: int) -> dict:
             seconds = []
             for _ in range(n):
                 metrics = trainer.step()
-                trainer.log.write({"iteration": trainer.iteration, **metrics,
-                                   **{f"counters/{k}": v for k, v in trainer.counters.items()}})
+                trainer.log_iteration(metrics)
                 trainer.collect_evaluations()
                 seconds.append(metrics["time/iteration_s"])
             return seconds

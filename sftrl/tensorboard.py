@@ -66,8 +66,8 @@ class TensorBoardLogger:
 
         The values travel as one event (one summary with a value per name), which TensorBoard
         reads exactly like one event per scalar: ``add_scalar`` per value queues an event each,
-        and with the writer's small queue the caller waits on its thread: about 4 ms for the
-        34 metrics of a toy iteration, against 0.1 ms as one event."""
+        and with the writer's small queue the caller waits on its thread: about 4.4 ms for the
+        34 metrics of a toy iteration, against 0.6 ms as one event."""
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         values = [

@@ -485,6 +485,10 @@ class Trainer:
     def checkpoint(self) -> Path:
         return save_checkpoint(self.run_dir, self.iteration, self.state(), self.cfg.trainer.keep_checkpoints)
 
+    def log_iteration(self, metrics: dict[str, float]) -> None:
+        """One metrics line: the iteration, ``step()``'s metrics and the counters."""
+        self.log.write({"iteration": self.iteration, **metrics, **{f"counters/{k}": v for k, v in self.counters.items()}})
+
     def fit(self, *, on_iteration: Callable[[Trainer], None] | None = None) -> None:
         """Run to ``trainer.iterations``, evaluating, logging and checkpointing on schedule."""
         t = self.cfg.trainer
@@ -496,7 +500,7 @@ class Trainer:
             while self.iteration < t.iterations:
                 metrics = self.step()
                 if self.iteration % t.log_every == 0 or self.iteration == t.iterations:
-                    self.log.write({"iteration": self.iteration, **metrics, **{f"counters/{k}": v for k, v in self.counters.items()}})
+                    self.log_iteration(metrics)
                 postfix["ipm"] = metrics.get("critic/ipm_gap", float("nan"))
                 if t.eval_every and self.iteration % t.eval_every == 0 and self.iteration < t.iterations:
                     self.evaluate()
