@@ -192,7 +192,8 @@ class Trainer:
 
     def step(self) -> dict[str, float]:
         """One iteration: publish theta, roll out, critic phase (it publishes the critic), generator
-        phase, clear the buffer.
+        phase. The buffer's clear (step 5) opens the next iteration's ``refill``: one buffer call
+        per iteration.
 
         ``time/iteration_s`` is the wall time since the previous iteration ended (what an
         iteration costs, the driver's logging and checkpoints between iterations included)."""
@@ -201,7 +202,6 @@ class Trainer:
         if rollouts is None:
             rollouts = self.collect_rollouts(self.publish_weights(), self._critic_weights, self.iteration)
         critic_metrics, policy_metrics = self.update_critic_then_policy(rollouts)
-        self.clear_buffer()
         self.iteration += 1
         end = time.perf_counter()
         seconds = end - (self._previous_end if self._previous_end is not None else start)
@@ -351,19 +351,15 @@ class Trainer:
         return Pending(critic, metrics, weights)
 
     def update_policy(self, rollouts: Rollouts, critic_weights: Any) -> Pending:
-        """Submit the generator phase: the blocks go into the buffer, the learner takes
-        n_generator policy steps on buffer samples with rewards relabelled by ``critic_weights``
-        and returns its metrics and theta's next version."""
+        """Submit the generator phase: the blocks replace the last iteration's in the buffer, the
+        learner takes n_generator policy steps on buffer samples with rewards relabelled by
+        ``critic_weights`` and returns its metrics and theta's next version."""
         a = self.cfg.algo
-        buffer = self.system.buffer
+        data = None
         if self.data_need != "none":
-            buffer.call("add_many", rollouts.blocks(), [self._meta(block_id) for block_id in rollouts.ids])
-        if self.data_need == "samples":
-            data = buffer.call("sample", a.n_generator, a.batch_size, self.cfg.seed * 1_000_003 + self.iteration)
-        elif self.data_need == "all":
-            data = buffer.call("all_transitions")
-        else:
-            data = None
+            metas = [self._meta(block_id) for block_id in rollouts.ids]
+            data = self.system.buffer.call("refill", rollouts.blocks(), metas, self.data_need, a.n_generator,
+                                           a.batch_size, self.cfg.seed * 1_000_003 + self.iteration)
         learner = self.system.learner
         metrics, weights = learner.call("update_and_publish", data, critic_weights, num_returns=2)
         return Pending(learner, metrics, weights)
@@ -377,10 +373,6 @@ class Trainer:
         self._rollout_reward = sum(s["reward_mean"] for s in summaries) / len(summaries)
         # Versions the rollouts ran behind the learner (0 in sync mode; the metric to watch in async).
         self._weights_lag = self.iteration - min(s["policy_version"] for s in summaries)
-
-    def clear_buffer(self) -> None:
-        # Not waited for: calls from one caller to an actor run in order, so the next add comes after.
-        self.system.buffer.call("clear")
 
     # -- bookkeeping ----------------------------------------------------------------------------
 

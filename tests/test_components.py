@@ -191,6 +191,26 @@ def test_buffer_discard_forgets_lost_blocks_so_they_can_be_added_again():
         buf.add_blocks([synthetic_block("a", 0, 2)])  # a block not discarded stays refused
 
 
+def test_buffer_refill_replaces_the_last_iterations_blocks_and_draws_from_the_new_ones():
+    buf = ReplayBuffer()
+    first = [synthetic_block("it0/b0", 0, 2), synthetic_block("it0/b1", 0, 3, offset=1000.0)]
+    drawn = buf.refill(first, [b.meta() for b in first], "samples", 2, 4, seed=5)
+    expected = ReplayBuffer()
+    expected.add_blocks(first)
+    np.testing.assert_array_equal(drawn.x_n, expected.sample(2, 4, seed=5).x_n)  # add, then sample
+    second = [synthetic_block("it1/b0", 1, 4, offset=2000.0)]
+    everything = buf.refill(second, [b.meta() for b in second], "all")
+    assert buf.versions() == [1] and len(everything) == 2 * 4  # the first iteration's blocks are gone
+    np.testing.assert_array_equal(everything.x_n, block_transitions(second[0]).x_n)
+    assert buf.state()["blocks_added"] == 3
+    with pytest.raises(ValueError, match="'everything'"):
+        buf.refill([], [], "everything")
+    # a failed attempt's blocks can be discarded and added again (the trainer's recovery)
+    assert buf.discard(["it1/b0"]) == 1
+    buf.refill(second, [b.meta() for b in second], "samples", 1, 2)
+    assert buf.state()["blocks_added"] == 3
+
+
 # ---------------------------------------------------------------- RolloutWorker
 
 
