@@ -1,10 +1,15 @@
-"""The trainer's loop: the next iteration's rollouts are asked for ahead, never before a checkpoint."""
+"""The trainer's loop: rollouts asked for one iteration ahead (never before a checkpoint), and every
+algorithm handed the data it asks for."""
 
 from __future__ import annotations
 
 import json
+import math
+
+import pytest
 
 from conftest import REPO
+from sftrl.algos import ALGORITHMS
 from sftrl.components import InitState
 from sftrl.config import load
 from sftrl.data import load_real_data
@@ -40,3 +45,37 @@ def test_rollouts_are_asked_for_one_iteration_ahead_except_before_a_checkpoint(t
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "time/iteration_s" in x]
     assert [x["iteration"] for x in lines] == [1, 2, 3, 4, 5]
     assert all(x["time/iteration_s"] > 0 and x["rollout/weights_lag"] == 0 for x in lines)
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [("sft-pg", []), ("ppo", []), ("sft", ["algo.critic_regulariser=GP"])],
+)
+def test_every_algorithm_runs_through_the_trainer_with_the_data_it_asks_for(tmp_path, name, overrides):
+    cfg = load(SMOKE, ["ray.backend=local", f"algo.name={name}", *overrides, "trainer.iterations=3",
+                       "trainer.checkpoint_every=0", "trainer.log_every=1", "trainer.eval_every=0"])
+    data = load_real_data(cfg)
+    sampler, _, _ = build_networks(cfg, data.shape[1:])
+    system = build_local_system(cfg, InitState(to_numpy_state(sampler), tuple(data.shape[1:])), data)
+    trainer = Trainer(cfg, system, tmp_path, progress=False)
+    learner = system.learner
+    original_call = learner.call
+    given = []  # the number of transitions each generator phase was handed (None: no buffer data)
+
+    def recording_call(method, *args, **kwargs):
+        if method == "update_and_publish":
+            given.append(None if args[0] is None else len(args[0]))
+        return original_call(method, *args, **kwargs)
+
+    learner.call = recording_call
+    trainer.fit()
+    a = cfg.algo
+    per_iteration = {
+        "samples": a.n_generator * a.batch_size,
+        "all": a.n_critic * a.batch_size * len(trainer._steps()),  # this iteration's blocks only
+        "none": None,
+    }[ALGORITHMS[name].data]
+    assert given == [per_iteration] * 3
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "time/iteration_s" in x]
+    assert [x["iteration"] for x in lines] == [1, 2, 3]
+    assert all(math.isfinite(x["policy/policy_loss"]) and math.isfinite(x["critic/critic_loss"]) for x in lines)
