@@ -3,6 +3,7 @@
     python benchmarks/table1.py [--out benchmarks/results/table1.json] [--pretrain-epochs N]
     python benchmarks/table1.py --only ddpm --pretrain-ema 0.999 --out benchmarks/results/ddpm-ema.json
     python benchmarks/table1.py --only overhead --overhead-repeats 20 --out benchmarks/results/ray-overhead.json
+    python benchmarks/table1.py --only overhead --overhead-config configs/swissroll.yaml --out ...
 
 Rows:
 - DDPM T = 10, 100, 1000: the pretrained toy DDPM sampled with all T steps;
@@ -19,7 +20,7 @@ The default run starts from a cold pretraining cache, so its wall time includes 
 evaluation at or below SW2 1.0e-2, the issue's target.
 
 Ray overhead: the smoke config's iteration time through Ray against the same components in one
-process (``ray.backend=local``). Both systems are built in this process from one pretrained
+process (``ray.backend=local``); ``--overhead-config`` measures another config the same way. Both systems are built in this process from one pretrained
 sampler and run in alternating blocks of 40 iterations, ``--overhead-repeats`` rounds: this
 machine's speed drifts by tens of percent within a minute, so runs of the two backends one after
 the other (the protocol until 2026-11-26) compared different machines. Each iteration does
@@ -110,15 +111,16 @@ def write_json(path: str | Path, result: dict) -> Path:
 OVERHEAD_WARMUP, OVERHEAD_BLOCK, OVERHEAD_SKIP = 60, 40, 2
 
 
-def ray_overhead(workdir: Path, cache_dir: str, repeats: int) -> dict:
-    """Alternating blocks of the smoke config's iterations in one process and through Ray."""
+def ray_overhead(workdir: Path, cache_dir: str, repeats: int, config: Path = REPO / "configs" / "smoke.yaml") -> dict:
+    """Alternating blocks of ``config``'s iterations (the smoke config's by default) in one process
+    and through Ray."""
     from sftrl.run import Launch
     from sftrl.tensorboard import TensorBoardLogger
     from sftrl.trainer import Trainer
 
     overrides = [f"pretrain.cache_dir={cache_dir}", "trainer.iterations=1000000", "trainer.log_every=1",
                  "trainer.eval_every=0", "trainer.checkpoint_every=0"]
-    cfgs = {b: load(REPO / "configs" / "smoke.yaml", [*overrides, f"ray.backend={b}"]) for b in ("local", "ray")}
+    cfgs = {b: load(config, [*overrides, f"ray.backend={b}"]) for b in ("local", "ray")}
     torch.set_num_threads(cfgs["local"].torch_threads)
     data = load_real_data(cfgs["local"])
     launches, trainers, sinks = {}, {}, []
@@ -158,6 +160,7 @@ def ray_overhead(workdir: Path, cache_dir: str, repeats: int) -> dict:
     ratios = [remote / local for local, remote in zip(times["local"], times["ray"])]
     return {"local": statistics.median(times["local"]), "ray": statistics.median(times["ray"]),
             "ratio": statistics.median(ratios), "ratios": ratios, "blocks": times,
+            "config": str(config),
             "protocol": f"{repeats} rounds of {OVERHEAD_BLOCK} iterations per backend in one process, "
                         f"after {OVERHEAD_WARMUP} warm-up iterations each"}
 
@@ -184,11 +187,13 @@ def main() -> None:
                         help="also DDPM T = 100/1000 rows pretrained with pretrain.ema_decay=DECAY")
     parser.add_argument("--overhead-repeats", type=int, default=10,
                         help="rounds of alternating local/Ray blocks for the overhead")
+    parser.add_argument("--overhead-config", type=Path, default=REPO / "configs" / "smoke.yaml",
+                        help="the config whose iterations the overhead measures (the issue's figure: smoke)")
     args = parser.parse_args()
     start = time.monotonic()
     if args.only == "overhead":
         with tempfile.TemporaryDirectory() as tmp:
-            overhead = ray_overhead(Path(tmp), args.cache_dir, args.overhead_repeats)
+            overhead = ray_overhead(Path(tmp), args.cache_dir, args.overhead_repeats, args.overhead_config)
         overhead["benchmark_wall_s"] = time.monotonic() - start
         write_json(args.out, overhead)
         print(json.dumps(overhead, indent=2))
