@@ -5,8 +5,9 @@ process boundaries; numpy moves through Ray's object store far faster than torch
 The buffer hands out uniformly sampled *transitions* (x_n, x_{n-1}, n, x_0, behaviour log-prob,
 policy version). Rewards are not stored: the learner relabels them with the current critic.
 
-The buffer holds block *handles* and a ``resolve`` function: locally a handle is the block
-itself; the Ray layer stores object references and resolves them with ``ray.get``.
+The buffer holds block *handles* and a ``resolve`` function from a list of handles to their
+blocks: locally a handle is the block itself; the Ray layer stores object references and resolves
+them with ``ray.get`` (one call for all the blocks a draw needs, fetched in parallel).
 """
 
 from __future__ import annotations
@@ -126,14 +127,14 @@ def block_transitions(block: TrajectoryBlock) -> TransitionBatch:
     return gather_transitions(block, steps, chains)
 
 
-def _identity(handle: Any) -> TrajectoryBlock:
-    return handle
+def _identity(handles: list[Any]) -> list[TrajectoryBlock]:
+    return list(handles)
 
 
 class ReplayBuffer:
     """Blocks in, uniform transition batches out; cleared, or trimmed by weights version."""
 
-    def __init__(self, resolve: Callable[[Any], TrajectoryBlock] = _identity):
+    def __init__(self, resolve: Callable[[list[Any]], list[TrajectoryBlock]] = _identity):
         self._resolve = resolve
         self._entries: list[tuple[Any, BlockMeta]] = []
         self._seen: set[str] = set()
@@ -206,14 +207,16 @@ class ReplayBuffer:
         sizes = np.array([meta.num_transitions for _, meta in self._entries])
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         entry_of = np.searchsorted(offsets, picks, side="right") - 1
+        used = np.unique(entry_of)
+        blocks = self._resolve([self._entries[e][0] for e in used])  # one fetch for all of them
         parts, order = [], []
-        for e in np.unique(entry_of):
-            handle, meta = self._entries[e]
+        for e, block in zip(used, blocks, strict=True):
+            meta = self._entries[e][1]
             rows = np.nonzero(entry_of == e)[0]
             local = picks[rows] - offsets[e]
             steps = np.asarray(meta.trainable_steps)[local // meta.num_chains]
             chains = local % meta.num_chains
-            parts.append(gather_transitions(self._resolve(handle), steps, chains))
+            parts.append(gather_transitions(block, steps, chains))
             order.append(rows)
         batch = TransitionBatch.concat(parts)
         return batch.select(np.argsort(np.concatenate(order), kind="stable"))

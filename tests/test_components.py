@@ -191,6 +191,24 @@ def test_buffer_discard_forgets_lost_blocks_so_they_can_be_added_again():
         buf.add_blocks([synthetic_block("a", 0, 2)])  # a block not discarded stays refused
 
 
+def test_buffer_resolves_the_blocks_a_draw_needs_in_one_call():
+    stored = {"h-a": synthetic_block("a", 0, 2), "h-b": synthetic_block("b", 0, 3, offset=1000.0)}
+    calls = []
+
+    def resolve(handles):  # stands in for ray.get on a list of object references
+        calls.append(list(handles))
+        return [stored[h] for h in handles]
+
+    buf = ReplayBuffer(resolve=resolve)
+    for handle, block in stored.items():
+        buf.add(handle, block.meta())
+    everything = buf.all_transitions()
+    assert calls == [["h-a", "h-b"]]
+    expected = ReplayBuffer()
+    expected.add_blocks(list(stored.values()))
+    np.testing.assert_array_equal(everything.x_n, expected.all_transitions().x_n)
+
+
 def test_buffer_refill_replaces_the_last_iterations_blocks_and_draws_from_the_new_ones():
     buf = ReplayBuffer()
     first = [synthetic_block("it0/b0", 0, 2), synthetic_block("it0/b1", 0, 3, offset=1000.0)]
