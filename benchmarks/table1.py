@@ -20,8 +20,9 @@ The default run starts from a cold pretraining cache, so its wall time includes 
 evaluation at or below SW2 1.0e-2, the issue's target.
 
 Ray overhead: the smoke config's iteration time through Ray against the same components in one
-process (``ray.backend=local``); ``--overhead-config`` measures another config the same way. Both systems are built in this process from one pretrained
-sampler and run in alternating blocks of 40 iterations, ``--overhead-repeats`` rounds: this
+process (``ray.backend=local``); ``--overhead-config`` measures another config the same way.
+Both systems are built in this process from one pretrained sampler and run in alternating
+blocks of 40 iterations, ``--overhead-repeats`` rounds: this
 machine's speed drifts by tens of percent within a minute, so runs of the two backends one after
 the other (the protocol until 2026-11-26) compared different machines. Each iteration does
 what ``Trainer.fit`` does per iteration with a metrics line (JSONL and TensorBoard) every
