@@ -113,6 +113,11 @@ class AlgoConfig:
     )
     ppo_clip: float = doc_field(0.2, "ppo: clip range of the importance ratio.")
     ppo_epochs: int = doc_field(2, "ppo: passes over the buffer per iteration.")
+    max_importance_weight: float = doc_field(
+        1.0,
+        "sft-pg with rollout.max_lag >= 1: truncation of the importance weight pi_theta / pi_behaviour "
+        "on transitions collected with older weights (V-trace's rho-bar).",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +139,11 @@ class RolloutConfig:
     num_gpus_per_worker: float = doc_field(0.0, "GPUs per rollout worker; fractions share a GPU.")
     num_cpus_per_worker: float = doc_field(0.5, "CPUs Ray reserves per rollout worker.")
     max_restarts: int = doc_field(3, "Times Ray restarts a failed rollout worker.")
+    max_lag: int = doc_field(
+        0,
+        "Weights versions the rollouts may run behind the learner: 0 is sync mode (Algorithm 1 exactly); "
+        "k >= 1 is async mode, the workers collect up to k iterations ahead with older weights.",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +203,7 @@ class Config:
              "algorithm 'sft' (pathwise) needs a Lipschitz critic: use 'GP'")
         for key in ("n_critic", "n_generator", "batch_size", "ppo_epochs"):
             need(getattr(a, key) >= 1, f"algo.{key}", getattr(a, key), "must be >= 1")
-        for key in ("policy_lr", "critic_lr", "baseline_lr", "ppo_clip"):
+        for key in ("policy_lr", "critic_lr", "baseline_lr", "ppo_clip", "max_importance_weight"):
             need(getattr(a, key) > 0, f"algo.{key}", getattr(a, key), "must be > 0")
         for key in ("lam", "gp_eta"):
             need(getattr(a, key) >= 0, f"algo.{key}", getattr(a, key), "must be >= 0")
@@ -216,6 +226,7 @@ class Config:
         need(r.num_gpus_per_worker >= 0, "rollout.num_gpus_per_worker", r.num_gpus_per_worker, "must be >= 0")
         need(r.num_cpus_per_worker >= 0, "rollout.num_cpus_per_worker", r.num_cpus_per_worker, "must be >= 0")
         need(r.max_restarts >= 0, "rollout.max_restarts", r.max_restarts, "must be >= 0")
+        need(r.max_lag >= 0, "rollout.max_lag", r.max_lag, "must be >= 0 (0: sync mode)")
         need(self.torch_threads >= 1, "torch_threads", self.torch_threads, "must be >= 1")
         if self.device == "cuda" and self.ray.backend == "ray":
             shares = {"rollout.num_gpus_per_worker": r.num_gpus_per_worker,

@@ -116,6 +116,7 @@ class Learner:
     ) -> list[dict[str, float]]:
         """One generator phase with the given critic version; returns per-step metrics."""
         self.set_critic_weights(*critic_weights)
+        self.ctx.version = self.version
         metrics = self.algorithm.update(self.ctx, data)
         self.version += 1
         if self.ema is not None:

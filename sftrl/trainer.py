@@ -62,11 +62,13 @@ WORKER_RESTART_WAIT_S = 120.0
 
 @dataclasses.dataclass
 class Rollouts:
-    """One critic phase's rollout requests: block ids (fixed per iteration) and pending calls."""
+    """One critic phase's rollout requests: block ids (fixed per iteration), the weights they run
+    (``version``: theta's version, known before the weights exist) and pending calls."""
 
     ids: list[str]
     policy_weights: Any
     critic_weights: Any
+    version: int
     calls: list[tuple[Any, list[str], Any]] = dataclasses.field(default_factory=list)
 
     def blocks(self) -> list[Any]:
@@ -179,7 +181,7 @@ class Trainer:
         self._rollout_reward = float("nan")
         self._weights_lag = 0
         self._policy_weights = None  # theta's latest published version (a future)
-        self._next_rollouts: Rollouts | None = None  # the next iteration's, asked for ahead
+        self._ahead: dict[int, Rollouts] = {}  # later iterations' rollouts, asked for ahead
         self._previous_end: float | None = None  # perf_counter() at the end of the last step
         self.evaluations: list[dict[str, Any]] = []
         self._evaluating: list[tuple[int, int, Future]] = []  # (iteration, version, result), in order
@@ -198,9 +200,11 @@ class Trainer:
         ``time/iteration_s`` is the wall time since the previous iteration ended (what an
         iteration costs, the driver's logging and checkpoints between iterations included)."""
         start = time.perf_counter()
-        rollouts, self._next_rollouts = self._next_rollouts, None
+        rollouts = self._ahead.pop(self.iteration, None)
         if rollouts is None:
-            rollouts = self.collect_rollouts(self.publish_weights(), self._critic_weights, self.iteration)
+            rollouts = self.collect_rollouts(self.publish_weights(), self._critic_weights, self.iteration,
+                                             version=self.iteration)
+        self._fill_pipeline()
         critic_metrics, policy_metrics = self.update_critic_then_policy(rollouts)
         self.iteration += 1
         end = time.perf_counter()
@@ -224,31 +228,42 @@ class Trainer:
             self._policy_weights = self.system.learner.call("get_weights")
         return self._policy_weights
 
-    def collect_rollouts(self, policy_weights: Any, critic_weights: Any, iteration: int) -> Rollouts:
-        """Ask the workers for iteration ``iteration``'s n_critic blocks of m chains (not waited
-        for: the critic's call takes the block references directly)."""
+    def collect_rollouts(self, policy_weights: Any, critic_weights: Any, iteration: int, *, version: int) -> Rollouts:
+        """Ask the workers for iteration ``iteration``'s n_critic blocks of m chains, run with
+        theta's version ``version`` (not waited for: the critic's call takes the block references
+        directly)."""
         a = self.cfg.algo
         rollouts = Rollouts(ids=[f"it{iteration}/b{k}" for k in range(a.n_critic)], policy_weights=policy_weights,
-                            critic_weights=critic_weights)
+                            critic_weights=critic_weights, version=version)
         self._submit(rollouts, rollouts.ids, self.system.workers)
         return rollouts
 
-    def _may_roll_ahead(self) -> bool:
-        """Whether the next iteration's rollouts may be asked for before this iteration ends.
+    def _may_roll_ahead(self, iteration: int) -> bool:
+        """Whether iteration ``iteration``'s rollouts may be asked for during this step.
 
-        They take theta's next version as a future, so Ray starts them the moment the learner
-        publishes it, while the driver logs this iteration (Algorithm 1 unchanged: the same
-        weights, one iteration later in the driver's code). Not before a checkpoint, which
-        records the workers' random streams (a resumed run repeats an uninterrupted one bit for
-        bit), nor after the last iteration or a stop request.
+        Sync mode (``rollout.max_lag = 0``) asks for the next iteration's with theta's next version
+        as a future, so Ray starts them the moment the learner publishes it, while the driver logs
+        this iteration (Algorithm 1 unchanged: the same weights, asked for earlier). Async mode
+        asks ``max_lag`` iterations further ahead. Never across a checkpoint, which records the
+        workers' random streams (a resumed run repeats an uninterrupted one bit for bit), nor
+        past the last iteration or after a stop request.
         """
-        following = self.iteration + 1  # the iteration the next step runs
         t = self.cfg.trainer
-        return (
-            following < t.iterations
-            and not self.stop_requested
-            and not (t.checkpoint_every and following % t.checkpoint_every == 0)
-        )
+        every = t.checkpoint_every
+        checkpoint_between = every and (iteration // every) * every > self.iteration  # one in (now, iteration]
+        return iteration < t.iterations and not self.stop_requested and not checkpoint_between
+
+    def _fill_pipeline(self) -> None:
+        """Async mode, where the pipeline (re)starts (the first iteration, after a checkpoint or a
+        resume): ask for the next ``max_lag`` iterations' rollouts with the current theta. In the
+        steady state each step asks for one more (``update_critic_then_policy``), so iteration j's
+        rollouts run theta's version j - max_lag; the lag is logged as ``rollout/weights_lag``."""
+        for iteration in range(self.iteration + 1, self.iteration + 1 + self.cfg.rollout.max_lag):
+            if not self._may_roll_ahead(iteration):
+                break
+            if iteration not in self._ahead:
+                self._ahead[iteration] = self.collect_rollouts(self.publish_weights(), self._critic_weights, iteration,
+                                                               version=self.iteration)
 
     def _submit(self, rollouts: Rollouts, ids: list[str], workers: list[Handle]) -> None:
         a = self.cfg.algo
@@ -324,8 +339,10 @@ class Trainer:
             except ComponentLost:
                 self._recover(rollouts, policy)
                 continue
-            if self._may_roll_ahead():
-                self._next_rollouts = self.collect_rollouts(policy.weights, critic.weights, self.iteration + 1)
+            ahead = self.iteration + 1 + self.cfg.rollout.max_lag
+            if self._may_roll_ahead(ahead):
+                self._ahead[ahead] = self.collect_rollouts(policy.weights, critic.weights, ahead,
+                                                           version=self.iteration + 1)
             try:
                 policy_metrics = policy.handle.resolve(policy.metrics)
             except ComponentLost:
@@ -357,7 +374,7 @@ class Trainer:
         a = self.cfg.algo
         data = None
         if self.data_need != "none":
-            metas = [self._meta(block_id) for block_id in rollouts.ids]
+            metas = [self._meta(block_id, rollouts.version) for block_id in rollouts.ids]
             data = self.system.buffer.call("refill", rollouts.blocks(), metas, self.data_need, a.n_generator,
                                            a.batch_size, self.cfg.seed * 1_000_003 + self.iteration)
         learner = self.system.learner
@@ -385,9 +402,8 @@ class Trainer:
             self._trainable_steps = tuple(k for k, s in enumerate(schedule.sigma) if s > 0 or floor > 0)
         return self._trainable_steps
 
-    def _meta(self, block_id: str) -> BlockMeta:
-        # The version is the one just published: the learner bumps it once per iteration.
-        return BlockMeta(block_id, self.iteration, self.cfg.algo.batch_size, self._steps())
+    def _meta(self, block_id: str, version: int) -> BlockMeta:
+        return BlockMeta(block_id, version, self.cfg.algo.batch_size, self._steps())
 
     def _count_nonfinite(self, metrics: list[dict[str, float]], component: str) -> None:
         """Count skipped (non-finite) updates; K in a row for one component stops the run."""
@@ -471,7 +487,7 @@ class Trainer:
         self.events = json.loads(state.get("events", "[]"))
         self._critic_weights = s.critic.call("get_weights")
         self._policy_weights = None
-        self._next_rollouts = None
+        self._ahead = {}
         self.log.truncate_after(self.iteration)
 
     def checkpoint(self) -> Path:

@@ -1,4 +1,4 @@
-"""Shared fixtures: a session-wide pretrained-sampler cache and a subprocess runner."""
+"""Shared fixtures: a session-wide pretrained-sampler cache, an in-process Ray, a subprocess runner."""
 
 from __future__ import annotations
 
@@ -18,6 +18,16 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 def cache_dir(tmp_path_factory) -> Path:
     """Pretrained samplers for this test session (never the user's cache)."""
     return tmp_path_factory.mktemp("sftrl-cache")
+
+
+@pytest.fixture
+def local_ray():
+    """A fresh in-process Ray instance (2 CPUs), shut down after the test."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
 
 
 def run_cli(args: list[str], *, cwd: Path = REPO, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

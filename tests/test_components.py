@@ -5,6 +5,7 @@ synchronous loop of Algorithm 1 on the Gaussian cluster.
 """
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -447,6 +448,7 @@ def _learner_setup(
     num_chains=12,
     seed=3,
     ema_decay=0.0,
+    max_importance_weight=1.0,
 ):
     policy, critic, baseline = make_nets(S, seed=1)
     # The published critic and baseline differ from the ones the learner was built with.
@@ -456,7 +458,7 @@ def _learner_setup(
     worker.set_policy_weights(to_numpy_state(policy), 0)
     buf = ReplayBuffer()
     buf.add_blocks(worker.rollout(2, num_chains // 2))
-    settings = AlgoConfig(name=algo_name)
+    settings = AlgoConfig(name=algo_name, max_importance_weight=max_importance_weight)
     learner = Learner(
         copy.deepcopy(policy),
         critic,
@@ -527,6 +529,48 @@ def test_learner_sft_pg_step_equals_manual_reinforce(n_generator, max_grad_norm)
     assert_close(
         torch.from_numpy(state["out.bias"]), learner.policy.out.bias.detach(), rtol=0, atol=0
     )
+
+
+def test_learner_sft_pg_reweights_stale_transitions_against_theta_at_the_phase_start():
+    """Async mode: transitions from an older version get min(rho-bar, pi_theta / mu), with theta
+    as the phase starts (not re-taken after each policy step); current ones keep weight 1."""
+    rho_bar = 1.02
+    learner, buf, policy, pub_critic, pub_baseline, published, tables = _learner_setup(
+        "sft-pg", n_generator=2, batch_size=16, lr=1e-2, max_importance_weight=rho_bar
+    )
+    learner.update_policy(buf.sample(2, 16, seed=7), published)  # theta moves to version 1
+    data = buf.sample(2, 16, seed=0)  # collected with version 0
+    mixed = np.where(np.arange(len(data)) % 3 == 0, 1, data.version)  # every third row current
+    data = dataclasses.replace(data, version=mixed)
+    ref = copy.deepcopy(learner.policy)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    opt.load_state_dict(copy.deepcopy(learner.optimizer.state_dict()))
+    metrics = learner.update_policy(data, published)
+
+    tr = data.to_torch()
+    with torch.no_grad():
+        start = denoise_step(ref, tables, tr.x_n, tr.n, x_prev=tr.x_prev, final_step_std=0.001).log_prob
+    ratio = (start - tr.log_prob).exp()
+    weight = torch.where(tr.version == 1, torch.ones_like(ratio), ratio.clamp(max=rho_bar))
+    assert 0 < (ratio[tr.version == 0] > rho_bar).float().mean() < 1  # some cut, some not
+    for j in range(2):
+        rows = slice(16 * j, 16 * (j + 1))
+        mb = tr.select(rows)
+        with torch.no_grad():
+            advantage = pub_critic(mb.x_0) - pub_baseline(mb.x_n, mb.n)
+        log_prob = denoise_step(ref, tables, mb.x_n, mb.n, x_prev=mb.x_prev, final_step_std=0.001).log_prob
+        loss = -(weight[rows] * advantage * log_prob).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert metrics[j][losses.POLICY_LOSS] == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+        assert metrics[j][losses.IMPORTANCE_WEIGHT_MEAN] == pytest.approx(weight[rows].mean().item(), rel=1e-6)
+        truncated = ((ratio[rows] > rho_bar) & (mb.version == 0)).float().mean().item()
+        assert metrics[j][losses.IMPORTANCE_WEIGHT_TRUNCATED] == pytest.approx(truncated)
+    assert_params_close(learner.policy, params_of(ref))
+    # all current (sync mode): no weights at all, Eq. 20 exactly
+    current = dataclasses.replace(buf.sample(2, 16, seed=1), version=np.full(32, learner.version))
+    assert losses.IMPORTANCE_WEIGHT_MEAN not in learner.update_policy(current, published)[0]
 
 
 def test_learner_ema_averages_theta_for_evaluation_only_and_survives_a_resume():

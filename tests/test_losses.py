@@ -45,6 +45,25 @@ def test_policy_gradient_loss_hand_case():
     assert metrics[losses.EXPLAINED_VARIANCE] == pytest.approx(5.0 / 12.0)
 
 
+def test_weighted_policy_gradient_loss_and_truncated_importance_weight_hand_case():
+    log_prob = t64([-1.0, -2.0, 0.5], requires_grad=True)
+    behaviour = t64([-1.0, -2.0 - math.log(3.0), 0.5 + math.log(2.0)])
+    # ratios pi / mu = [1, 3, 0.5]; truncated at 2: [1, 2, 0.5], the second cut
+    weight, truncated = losses.truncated_importance_weight(log_prob, behaviour, 2.0)
+    assert_close(weight, t64([1.0, 2.0, 0.5]), rtol=1e-14, atol=0)
+    assert truncated.tolist() == [False, True, False] and not weight.requires_grad
+    reward, values = t64([1.0, 0.0, 2.0]), t64([0.5, 0.5, 1.0])
+    # weighted advantage = [0.5, -1.0, 0.5]; loss = -(0.5 * -1 + -1.0 * -2 + 0.5 * 0.5) / 3
+    loss, metrics = losses.policy_gradient_loss(log_prob, reward, values, weight)
+    assert loss.item() == pytest.approx(-1.75 / 3.0, rel=1e-14)
+    loss.backward()
+    assert_close(log_prob.grad, t64([-0.5 / 3, 1.0 / 3, -0.5 / 3]), rtol=1e-14, atol=0)
+    assert metrics[losses.ADVANTAGE_MEAN] == pytest.approx(1.0 / 3.0)  # the advantage itself, unweighted
+    # weight 1 everywhere is Eq. 20 exactly
+    same, _ = losses.policy_gradient_loss(log_prob, reward, values, torch.ones(3, dtype=F64))
+    assert same.item() == losses.policy_gradient_loss(log_prob, reward, values)[0].item()
+
+
 def test_explained_variance_cases():
     targets = t64([1.0, 2.0, 4.0])
     assert losses.explained_variance(targets.clone(), targets) == 1.0

@@ -45,10 +45,19 @@ def _training_lines(run_dir: Path) -> list[dict]:
     ]
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, cache_dir):
-    """Sync algorithm on CPU: 6 iterations straight == 3, stop, resume to 6 (bit for bit)."""
-    common = ["ray.backend=local", f"pretrain.cache_dir={cache_dir}", "trainer.log_every=1",
-              "trainer.checkpoint_every=0", "trainer.eval_every=0", "--no-progress"]
+@pytest.mark.parametrize(
+    "mode",
+    [
+        ["trainer.checkpoint_every=0"],
+        # async: the straight run restarts its pipeline at the checkpoint the split run resumes from
+        ["rollout.max_lag=2", "trainer.checkpoint_every=3"],
+    ],
+    ids=["sync", "async"],
+)
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, cache_dir, mode):
+    """On CPU: 6 iterations straight == 3, stop, resume to 6 (bit for bit)."""
+    common = ["ray.backend=local", f"pretrain.cache_dir={cache_dir}", "trainer.log_every=1", *mode,
+              "trainer.eval_every=0", "--no-progress"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_main([str(SMOKE), "trainer.iterations=6", "--run-dir", str(straight), *common]) == 0
     assert run_main([str(SMOKE), "trainer.iterations=3", "--run-dir", str(split), *common]) == 0
@@ -68,15 +77,12 @@ def test_resume_of_a_run_directory_without_checkpoint_is_a_user_error(tmp_path, 
     assert not (tmp_path / "empty").exists()
 
 
-@pytest.fixture
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-def test_killed_rollout_worker_is_restarted_and_no_block_is_lost_or_doubled(local_ray, tmp_path):
-    cfg = load(SMOKE, ["rollout.num_workers=2", "rollout.max_restarts=3", "algo.n_critic=4", "trainer.iterations=5"])
+@pytest.mark.parametrize("max_lag", [0, 2], ids=["sync", "async"])
+def test_killed_rollout_worker_is_restarted_and_no_block_is_lost_or_doubled(local_ray, tmp_path, max_lag):
+    """The worker dies just after iteration 3's rollouts are asked of it (during step 2 in sync
+    mode; in async mode during step 0, so its calls for iterations 1-3 fail and each recovers)."""
+    cfg = load(SMOKE, ["rollout.num_workers=2", "rollout.max_restarts=3", "algo.n_critic=4", "trainer.iterations=5",
+                       f"rollout.max_lag={max_lag}"])
     init, _ = _init(cfg)
     system = build_ray_system(cfg, init)
     trainer = Trainer(cfg, system, tmp_path, progress=False)
@@ -86,7 +92,7 @@ def test_killed_rollout_worker_is_restarted_and_no_block_is_lost_or_doubled(loca
 
     def call_then_kill(method, *args, **kwargs):
         out = original_call(method, *args, **kwargs)
-        if method == "collect" and trainer.iteration == 2 and not killed:
+        if method == "collect" and args[2][0].startswith("it3/") and not killed:
             ray.kill(victim.actor, no_restart=False)  # dies while its collect is pending
             killed.append(True)
         return out

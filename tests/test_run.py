@@ -71,6 +71,8 @@ def test_sample_command_writes_npz(smoke_run, tmp_path):
         ("algo.policy_lr=-1", "'algo.policy_lr'"),
         ("diffusion.steps=50", "'diffusion.steps'"),
         ("algo.name=reinforce", "valid: ppo, sft, sft-pg"),
+        ("rollout.max_lag=-1", "'rollout.max_lag' = -1 is invalid: must be >= 0 (0: sync mode)"),
+        ("algo.max_importance_weight=0", "'algo.max_importance_weight' = 0.0 is invalid"),
     ],
 )
 def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path, override, needle):

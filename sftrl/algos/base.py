@@ -39,6 +39,7 @@ class PolicyContext:
     data_shape: tuple[int, ...]
     generator: torch.Generator
     device: torch.device
+    version: int = 0  # theta's version as the generator phase starts (transitions carry theirs)
 
 
 class PolicyAlgorithm(abc.ABC):

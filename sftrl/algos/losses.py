@@ -30,6 +30,8 @@ RATIO_MIN = "ratio_min"
 RATIO_MEAN = "ratio_mean"
 RATIO_MAX = "ratio_max"
 REWARD_MEAN = "reward_mean"
+IMPORTANCE_WEIGHT_MEAN = "importance_weight_mean"
+IMPORTANCE_WEIGHT_TRUNCATED = "importance_weight_truncated"
 
 
 def explained_variance(values: torch.Tensor, targets: torch.Tensor) -> float:
@@ -41,16 +43,23 @@ def explained_variance(values: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def policy_gradient_loss(
-    log_prob: torch.Tensor, reward: torch.Tensor, values: torch.Tensor
+    log_prob: torch.Tensor,
+    reward: torch.Tensor,
+    values: torch.Tensor,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SFT-PG's REINFORCE with a baseline (Eq. 20) over a batch of transitions.
 
     -mean[(c(x_0) - V(x_n, n)) log pi(x_{n-1} | x_n)]: ``log_prob`` ``(B,)`` carries the gradient,
     ``reward`` and ``values`` ``(B,)`` are treated as constants. Sampling transitions uniformly
     from the buffer makes this 1/S of Eq. 20's sum over steps, in expectation.
+
+    ``weight`` ``(B,)`` (async mode only, a constant): importance weights of transitions collected
+    with older weights (``truncated_importance_weight``); None is Eq. 20.
     """
     advantage = (reward - values).detach()  # (B,)
-    loss = -(advantage * log_prob).mean()
+    weighted = advantage if weight is None else weight.detach() * advantage
+    loss = -(weighted * log_prob).mean()
     return loss, {
         POLICY_LOSS: loss.item(),
         ADVANTAGE_MEAN: advantage.mean().item(),
@@ -58,6 +67,21 @@ def policy_gradient_loss(
         REWARD_MEAN: reward.mean().item(),
         EXPLAINED_VARIANCE: explained_variance(values.detach(), reward.detach()),
     }
+
+
+def truncated_importance_weight(
+    log_prob: torch.Tensor, behaviour_log_prob: torch.Tensor, max_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight, truncated)``: min(max_weight, pi(a|s) / mu(a|s)) per transition and whether the
+    ratio was cut, ``(B,)`` each, from ``(B,)`` log-probs (no gradient).
+
+    Async mode's off-policy correction (not in the paper): ``mu`` is the older policy that
+    collected the transition, ``pi`` the one the generator phase starts from. Per-step ratios
+    truncated at ``max_weight``, as IMPALA's V-trace (rho-bar) does: bounded variance, at the cost
+    of ignoring the shift of the states and of the reward-to-go, small for a lag of a few versions.
+    """
+    ratio = (log_prob.detach() - behaviour_log_prob.detach()).exp()
+    return ratio.clamp(max=max_weight), ratio > max_weight
 
 
 def ppo_clip_loss(

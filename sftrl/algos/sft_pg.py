@@ -35,21 +35,49 @@ def ratio_metrics(log_prob: torch.Tensor, behaviour_log_prob: torch.Tensor) -> d
     return {losses.RATIO_MIN: ratio.min().item(), losses.RATIO_MEAN: ratio.mean().item(), losses.RATIO_MAX: ratio.max().item()}
 
 
+def stale_importance_weights(
+    ctx: PolicyContext, batch: TransitionBatch, max_weight: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Async mode: ``(weight, truncated)`` ``(B,)`` each, the truncated pi_theta / pi_behaviour of
+    transitions collected with an older version than theta's as the phase starts (weight 1 for
+    current ones). None when every transition is current (sync mode: Eq. 20 exactly, without an
+    extra forward pass)."""
+    stale = batch.version != ctx.version
+    if not bool(stale.any()):
+        return None
+    with torch.no_grad():  # in batches of the policy step's size (image batches are large)
+        log_prob = torch.cat([rescore(ctx, batch.select(slice(k, k + ctx.batch_size)))
+                              for k in range(0, len(batch), ctx.batch_size)])
+        weight, truncated = losses.truncated_importance_weight(log_prob, batch.log_prob, max_weight)
+    return torch.where(stale, weight, torch.ones_like(weight)), truncated & stale
+
+
 @register("sft-pg")
 class SFTPG(PolicyAlgorithm):
-    """``n_generator`` policy steps, each on ``batch_size`` transitions sampled from the buffer."""
+    """``n_generator`` policy steps, each on ``batch_size`` transitions sampled from the buffer.
+
+    In async mode (``rollout.max_lag >= 1``) transitions from older weights are reweighted by
+    ``stale_importance_weights``, taken once against theta as the phase starts: the version sync
+    mode would have collected them with.
+    """
 
     data = "samples"
 
     def update(self, ctx: PolicyContext, data: TransitionBatch | None) -> list[dict[str, float]]:
         batch = data.to_torch(ctx.device)
+        weights = stale_importance_weights(ctx, batch, self.settings.max_importance_weight)
         params = list(ctx.policy.parameters())
         out = []
         for j in range(ctx.n_generator):
-            mb = batch.select(slice(j * ctx.batch_size, (j + 1) * ctx.batch_size))
+            rows = slice(j * ctx.batch_size, (j + 1) * ctx.batch_size)
+            mb = batch.select(rows)
             reward, values = relabel(ctx, mb)
             log_prob = rescore(ctx, mb)
-            loss, metrics = losses.policy_gradient_loss(log_prob, reward, values)
+            weight = None if weights is None else weights[0][rows]
+            loss, metrics = losses.policy_gradient_loss(log_prob, reward, values, weight)
+            if weights is not None:
+                metrics[losses.IMPORTANCE_WEIGHT_MEAN] = weight.mean().item()
+                metrics[losses.IMPORTANCE_WEIGHT_TRUNCATED] = weights[1][rows].float().mean().item()
             metrics |= ratio_metrics(log_prob, mb.log_prob)
             metrics |= gradient_step(loss, [ctx.optimizer], params, ctx.max_grad_norm)
             out.append(metrics)
