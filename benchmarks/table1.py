@@ -4,6 +4,7 @@
     python benchmarks/table1.py --only ddpm --pretrain-ema 0.999 --out benchmarks/results/ddpm-ema.json
     python benchmarks/table1.py --only overhead --overhead-repeats 20 --out benchmarks/results/ray-overhead.json
     python benchmarks/table1.py --only overhead --overhead-config configs/swissroll.yaml --out ...
+    python benchmarks/table1.py --only overhead --overhead-async --out ...   # async mode beside it
 
 Rows:
 - DDPM T = 10, 100, 1000: the pretrained toy DDPM sampled with all T steps;
@@ -29,7 +30,9 @@ what ``Trainer.fit`` does per iteration with a metrics line (JSONL and TensorBoa
 iteration and no evaluation or checkpoint; its time is ``time/iteration_s``, the wall time from
 one iteration's end to the next's. Per block, the median over its iterations after the first
 two (which see the other backend's switch); the ratio is the median over rounds of Ray's block
-over the local block next to it.
+over the local block next to it. ``--overhead-async`` adds a third system in the same rounds,
+Ray in async mode (``rollout.max_lag=1``): the same calls per iteration with the rollouts one
+weights version behind, reported as ``ratio_async`` beside the sync ``ratio``.
 """
 
 from __future__ import annotations
@@ -112,27 +115,34 @@ def write_json(path: str | Path, result: dict) -> Path:
 OVERHEAD_WARMUP, OVERHEAD_BLOCK, OVERHEAD_SKIP = 60, 40, 2
 
 
-def ray_overhead(workdir: Path, cache_dir: str, repeats: int, config: Path = REPO / "configs" / "smoke.yaml") -> dict:
+ASYNC_VARIANT = ("ray_async", ["ray.backend=ray", "rollout.max_lag=1"])
+
+
+def ray_overhead(workdir: Path, cache_dir: str, repeats: int, config: Path = REPO / "configs" / "smoke.yaml",
+                 *, with_async: bool = False) -> dict:
     """Alternating blocks of ``config``'s iterations (the smoke config's by default) in one process
-    and through Ray."""
+    and through Ray; ``with_async``: also through Ray in async mode (``rollout.max_lag=1``), the
+    same work per iteration with rollouts one weights version behind (a different algorithm, so
+    reported beside the sync ratio, not as it)."""
     from sftrl.run import Launch
     from sftrl.tensorboard import TensorBoardLogger
     from sftrl.trainer import Trainer
 
     overrides = [f"pretrain.cache_dir={cache_dir}", "trainer.iterations=1000000", "trainer.log_every=1",
                  "trainer.eval_every=0", "trainer.checkpoint_every=0"]
-    cfgs = {b: load(config, [*overrides, f"ray.backend={b}"]) for b in ("local", "ray")}
+    variants = {"local": ["ray.backend=local"], "ray": ["ray.backend=ray"], **dict([ASYNC_VARIANT] if with_async else [])}
+    cfgs = {name: load(config, [*overrides, *extra]) for name, extra in variants.items()}
     torch.set_num_threads(cfgs["local"].torch_threads)
     data = load_real_data(cfgs["local"])
     launches, trainers, sinks = {}, {}, []
     try:
-        for backend, cfg in cfgs.items():
-            launches[backend] = launch = Launch(cfg)
+        for name, cfg in cfgs.items():
+            launches[name] = launch = Launch(cfg)
             init, _ = launch.start_while_pretraining(data, False)
-            run_dir = workdir / f"overhead-{backend}"
+            run_dir = workdir / f"overhead-{name}"
             run_dir.mkdir(parents=True)
             sinks.append(TensorBoardLogger(run_dir / "tensorboard"))
-            trainers[backend] = Trainer(cfg, launch.system(init, data), run_dir, None, progress=False,
+            trainers[name] = Trainer(cfg, launch.system(init, data), run_dir, None, progress=False,
                                         log_sinks=(sinks[-1],))
 
         def block(trainer: Trainer, n: int) -> list[float]:
@@ -147,23 +157,29 @@ def ray_overhead(workdir: Path, cache_dir: str, repeats: int, config: Path = REP
 
         for trainer in trainers.values():
             block(trainer, OVERHEAD_WARMUP)
-        times: dict[str, list[float]] = {"local": [], "ray": []}
+        times: dict[str, list[float]] = {name: [] for name in trainers}
         for _ in range(repeats):
-            for backend, trainer in trainers.items():
-                times[backend].append(statistics.median(block(trainer, OVERHEAD_BLOCK)[OVERHEAD_SKIP:]))
+            for name, trainer in trainers.items():
+                times[name].append(statistics.median(block(trainer, OVERHEAD_BLOCK)[OVERHEAD_SKIP:]))
     finally:
         for sink in sinks:
             sink.close()
         for trainer in trainers.values():
             trainer.system.shutdown()
-        for launch in launches.values():
+        for launch in reversed(launches.values()):  # the one that started Ray stops it, last
             launch.shutdown_ray()
-    ratios = [remote / local for local, remote in zip(times["local"], times["ray"])]
-    return {"local": statistics.median(times["local"]), "ray": statistics.median(times["ray"]),
-            "ratio": statistics.median(ratios), "ratios": ratios, "blocks": times,
-            "config": str(config),
-            "protocol": f"{repeats} rounds of {OVERHEAD_BLOCK} iterations per backend in one process, "
-                        f"after {OVERHEAD_WARMUP} warm-up iterations each"}
+    result = {"config": str(config), "blocks": times,
+              "protocol": f"{repeats} rounds of {OVERHEAD_BLOCK} iterations per variant in one process, "
+                          f"after {OVERHEAD_WARMUP} warm-up iterations each"}
+    for name in times:
+        result[name] = statistics.median(times[name])
+    for name in [n for n in times if n != "local"]:
+        ratios = [remote / local for local, remote in zip(times["local"], times[name])]
+        suffix = name[len("ray"):]  # "ratio" for sync Ray, "ratio_async" for async
+        result[f"ratio{suffix}"], result[f"ratios{suffix}"] = statistics.median(ratios), ratios
+    if with_async:
+        result["async"] = " ".join(ASYNC_VARIANT[1])
+    return result
 
 
 def time_to_target(run_dir: Path) -> float | None:
@@ -190,11 +206,14 @@ def main() -> None:
                         help="rounds of alternating local/Ray blocks for the overhead")
     parser.add_argument("--overhead-config", type=Path, default=REPO / "configs" / "smoke.yaml",
                         help="the config whose iterations the overhead measures (the issue's figure: smoke)")
+    parser.add_argument("--overhead-async", action="store_true",
+                        help="also time Ray in async mode (rollout.max_lag=1) in the same rounds")
     args = parser.parse_args()
     start = time.monotonic()
     if args.only == "overhead":
         with tempfile.TemporaryDirectory() as tmp:
-            overhead = ray_overhead(Path(tmp), args.cache_dir, args.overhead_repeats, args.overhead_config)
+            overhead = ray_overhead(Path(tmp), args.cache_dir, args.overhead_repeats, args.overhead_config,
+                                    with_async=args.overhead_async)
         overhead["benchmark_wall_s"] = time.monotonic() - start
         write_json(args.out, overhead)
         print(json.dumps(overhead, indent=2))
@@ -238,7 +257,7 @@ def main() -> None:
             rep, _ = run_sftrl("configs/swissroll.yaml", [*overrides, f"pretrain.cache_dir={cold_cache}"],
                                workdir / name.replace(" ", ""))
             figure4.append({"method": name, **rep["evaluations"][-1]})
-        overhead = ray_overhead(workdir, args.cache_dir, args.overhead_repeats)
+        overhead = ray_overhead(workdir, args.cache_dir, args.overhead_repeats, with_async=args.overhead_async)
     for row in rows:
         row["paper"] = paper_sw2(row["method"])
     out = write_json(args.out, {"table1": rows, "figure4": figure4, "default_run": default_run,
