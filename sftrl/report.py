@@ -157,7 +157,9 @@ def write_report(
         "",
         f"Algorithm `{cfg.algo.name}` with critic regulariser `{cfg.algo.critic_regulariser}`, "
         f"schedule `{cfg.diffusion.schedule}` (S = {cfg.diffusion.steps}, T = {cfg.diffusion.num_train_steps}), "
-        f"backend `{trainer.system.backend}`, {cfg.rollout.num_workers} rollout worker(s).",
+        f"backend `{trainer.system.backend}`, {cfg.rollout.num_workers} rollout worker(s), "
+        + (f"async mode (rollouts up to {cfg.rollout.max_lag} weights version(s) behind)." if cfg.rollout.max_lag
+           else "sync mode."),
         "",
         "## Evaluation",
         "",

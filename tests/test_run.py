@@ -42,6 +42,7 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run):
     assert placement["worker-0"]["device"] == placement["learner"]["device"] == "cpu"
     assert placement["buffer"]["device"] == "-" and placement["learner"]["gpu_ids"] == []
     assert "worker-0 cpu on " in (run_dir / "report.md").read_text()
+    assert "backend `ray`, 1 rollout worker(s), sync mode." in (run_dir / "report.md").read_text()
     rows = report["evaluations"]
     assert [r["sampler"] for r in rows] == ["initial (pretrained)", "fine-tuned"]
     assert rows[0]["sw2_floor_mean"] > 0 and rows[1]["sw2_mean"] > rows[1]["sw2_floor_mean"]
