@@ -237,6 +237,11 @@ class ReplayBuffer:
 
         One call rather than three because every actor call costs CPU in several processes
         (about 1.75 ms on a 2-core machine), taken from the critic computing beside it.
+
+        Async mode clears too: trimming by staleness (``trim``) at its bound would keep the same
+        blocks, since iteration j's blocks are ``rollout.max_lag`` versions behind and the last
+        iteration's one version more; and blocks from before a checkpoint must not outlive it
+        (a resumed run starts with an empty buffer).
         """
         if draw not in ("samples", "all"):
             raise ValueError(f"draw must be 'samples' or 'all', not {draw!r}")

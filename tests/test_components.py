@@ -79,14 +79,14 @@ def make_nets(S, seed=0):
     )
 
 
-def make_worker(policy, critic, schedule, *, final_step_std=0.0, seed=0, worker_id="w0"):
+def make_worker(policy, critic, schedule, *, final_step_std=0.0, seed=0, worker_id="w0", reduction="sum"):
     return RolloutWorker(
         copy.deepcopy(policy),
         copy.deepcopy(critic),
         schedule,
         (2,),
         final_step_std=final_step_std,
-        reduction="sum",
+        reduction=reduction,
         seed=seed,
         worker_id=worker_id,
     )
@@ -449,12 +449,13 @@ def _learner_setup(
     seed=3,
     ema_decay=0.0,
     max_importance_weight=1.0,
+    reduction="sum",
 ):
     policy, critic, baseline = make_nets(S, seed=1)
     # The published critic and baseline differ from the ones the learner was built with.
     _, pub_critic, pub_baseline = make_nets(S, seed=2)
     schedule = make_schedule("fastdpm-var-quadratic", S, num_train_steps=T)
-    worker = make_worker(policy, critic, schedule, final_step_std=final_step_std, seed=4)
+    worker = make_worker(policy, critic, schedule, final_step_std=final_step_std, seed=4, reduction=reduction)
     worker.set_policy_weights(to_numpy_state(policy), 0)
     buf = ReplayBuffer()
     buf.add_blocks(worker.rollout(2, num_chains // 2))
@@ -470,7 +471,7 @@ def _learner_setup(
         batch_size=batch_size,
         n_generator=n_generator,
         final_step_std=final_step_std,
-        reduction="sum",
+        reduction=reduction,
         data_shape=(2,),
         seed=seed,
         ema_decay=ema_decay,
@@ -531,12 +532,14 @@ def test_learner_sft_pg_step_equals_manual_reinforce(n_generator, max_grad_norm)
     )
 
 
-def test_learner_sft_pg_reweights_stale_transitions_against_theta_at_the_phase_start():
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_learner_sft_pg_reweights_stale_transitions_against_theta_at_the_phase_start(reduction):
     """Async mode: transitions from an older version get min(rho-bar, pi_theta / mu), with theta
-    as the phase starts (not re-taken after each policy step); current ones keep weight 1."""
+    as the phase starts (not re-taken after each policy step); current ones keep weight 1. With
+    log-probs averaged over the D = 2 dims, the ratio is still the density's."""
     rho_bar = 1.02
     learner, buf, policy, pub_critic, pub_baseline, published, tables = _learner_setup(
-        "sft-pg", n_generator=2, batch_size=16, lr=1e-2, max_importance_weight=rho_bar
+        "sft-pg", n_generator=2, batch_size=16, lr=1e-2, max_importance_weight=rho_bar, reduction=reduction
     )
     learner.update_policy(buf.sample(2, 16, seed=7), published)  # theta moves to version 1
     data = buf.sample(2, 16, seed=0)  # collected with version 0
@@ -549,8 +552,9 @@ def test_learner_sft_pg_reweights_stale_transitions_against_theta_at_the_phase_s
 
     tr = data.to_torch()
     with torch.no_grad():
-        start = denoise_step(ref, tables, tr.x_n, tr.n, x_prev=tr.x_prev, final_step_std=0.001).log_prob
-    ratio = (start - tr.log_prob).exp()
+        start = denoise_step(ref, tables, tr.x_n, tr.n, x_prev=tr.x_prev, final_step_std=0.001).log_prob  # sum
+        behaviour = tr.log_prob * (2 if reduction == "mean" else 1)
+    ratio = (start - behaviour).exp()
     weight = torch.where(tr.version == 1, torch.ones_like(ratio), ratio.clamp(max=rho_bar))
     assert 0 < (ratio[tr.version == 0] > rho_bar).float().mean() < 1  # some cut, some not
     for j in range(2):
@@ -558,7 +562,8 @@ def test_learner_sft_pg_reweights_stale_transitions_against_theta_at_the_phase_s
         mb = tr.select(rows)
         with torch.no_grad():
             advantage = pub_critic(mb.x_0) - pub_baseline(mb.x_n, mb.n)
-        log_prob = denoise_step(ref, tables, mb.x_n, mb.n, x_prev=mb.x_prev, final_step_std=0.001).log_prob
+        log_prob = denoise_step(ref, tables, mb.x_n, mb.n, x_prev=mb.x_prev, final_step_std=0.001,
+                                reduction=reduction).log_prob
         loss = -(weight[rows] * advantage * log_prob).mean()
         opt.zero_grad()
         loss.backward()

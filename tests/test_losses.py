@@ -52,6 +52,9 @@ def test_weighted_policy_gradient_loss_and_truncated_importance_weight_hand_case
     weight, truncated = losses.truncated_importance_weight(log_prob, behaviour, 2.0)
     assert_close(weight, t64([1.0, 2.0, 0.5]), rtol=1e-14, atol=0)
     assert truncated.tolist() == [False, True, False] and not weight.requires_grad
+    # log-probs averaged over D = 4 dims (the images' mean reduction): the same density ratios
+    averaged, _ = losses.truncated_importance_weight(log_prob / 4, behaviour / 4, 2.0, dims_averaged=4)
+    assert_close(averaged, weight, rtol=1e-14, atol=0)
     reward, values = t64([1.0, 0.0, 2.0]), t64([0.5, 0.5, 1.0])
     # weighted advantage = [0.5, -1.0, 0.5]; loss = -(0.5 * -1 + -1.0 * -2 + 0.5 * 0.5) / 3
     loss, metrics = losses.policy_gradient_loss(log_prob, reward, values, weight)

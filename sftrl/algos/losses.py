@@ -70,7 +70,7 @@ def policy_gradient_loss(
 
 
 def truncated_importance_weight(
-    log_prob: torch.Tensor, behaviour_log_prob: torch.Tensor, max_weight: float
+    log_prob: torch.Tensor, behaviour_log_prob: torch.Tensor, max_weight: float, dims_averaged: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight, truncated)``: min(max_weight, pi(a|s) / mu(a|s)) per transition and whether the
     ratio was cut, ``(B,)`` each, from ``(B,)`` log-probs (no gradient).
@@ -79,8 +79,12 @@ def truncated_importance_weight(
     collected the transition, ``pi`` the one the generator phase starts from. Per-step ratios
     truncated at ``max_weight``, as IMPALA's V-trace (rho-bar) does: bounded variance, at the cost
     of ignoring the shift of the states and of the reward-to-go, small for a lag of a few versions.
+
+    ``dims_averaged``: D when the log-probs are averaged over D data dims (the ``mean`` reduction
+    of images): the density ratio is exp(D (log_prob - behaviour_log_prob)), not its D-th root.
     """
-    ratio = (log_prob.detach() - behaviour_log_prob.detach()).exp()
+    log_ratio = (log_prob.detach() - behaviour_log_prob.detach()) * dims_averaged
+    ratio = log_ratio.exp()
     return ratio.clamp(max=max_weight), ratio > max_weight
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sftrl.algos import losses
@@ -48,7 +50,8 @@ def stale_importance_weights(
     with torch.no_grad():  # in batches of the policy step's size (image batches are large)
         log_prob = torch.cat([rescore(ctx, batch.select(slice(k, k + ctx.batch_size)))
                               for k in range(0, len(batch), ctx.batch_size)])
-        weight, truncated = losses.truncated_importance_weight(log_prob, batch.log_prob, max_weight)
+        dims = math.prod(ctx.data_shape) if ctx.reduction == "mean" else 1
+        weight, truncated = losses.truncated_importance_weight(log_prob, batch.log_prob, max_weight, dims)
     return torch.where(stale, weight, torch.ones_like(weight)), truncated & stale
 
 
