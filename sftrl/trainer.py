@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sftrl.algos import ALGORITHMS
 from sftrl.buffer import BlockMeta
@@ -60,6 +60,16 @@ def build_local_system(cfg: Config, init, real_data=None) -> System:
 WORKER_RESTART_WAIT_S = 120.0
 
 
+class RolloutCall(NamedTuple):
+    """One ``collect`` call: its worker, the block ids it makes, its futures (the blocks, then a
+    summary) and its number among the calls made to that worker (``seq``, from 1)."""
+
+    worker: Handle
+    ids: list[str]
+    out: Any
+    seq: int
+
+
 @dataclasses.dataclass
 class Rollouts:
     """One critic phase's rollout requests: block ids (fixed per iteration), the weights they run
@@ -69,11 +79,11 @@ class Rollouts:
     policy_weights: Any
     critic_weights: Any
     version: int
-    calls: list[tuple[Any, list[str], Any]] = dataclasses.field(default_factory=list)
+    calls: list[RolloutCall] = dataclasses.field(default_factory=list)
 
     def blocks(self) -> list[Any]:
         """Block futures in id order."""
-        by_id = {i: block for _, worker_ids, out in self.calls for i, block in zip(worker_ids, out[:-1])}
+        by_id = {i: block for call in self.calls for i, block in zip(call.ids, call.out[:-1])}
         return [by_id[i] for i in self.ids]
 
 
@@ -183,6 +193,8 @@ class Trainer:
         self._policy_weights = None  # theta's latest published version (a future)
         self._ahead: dict[int, Rollouts] = {}  # later iterations' rollouts, asked for ahead
         self._previous_end: float | None = None  # perf_counter() at the end of the last step
+        self._calls_made: dict[str, int] = {}  # collect calls made per worker
+        self._deaths_seen: dict[str, int] = {}  # per worker: the calls made when its last death was seen
         self.evaluations: list[dict[str, Any]] = []
         self._evaluating: list[tuple[int, int, Future]] = []  # (iteration, version, result), in order
         self._evaluation_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftrl-eval")
@@ -272,7 +284,8 @@ class Trainer:
             if worker_ids:
                 out = worker.call("collect", rollouts.policy_weights, rollouts.critic_weights, worker_ids, a.batch_size,
                                   num_returns=len(worker_ids) + 1)
-                rollouts.calls.append((worker, worker_ids, out))
+                self._calls_made[worker.name] = seq = self._calls_made.get(worker.name, 0) + 1
+                rollouts.calls.append(RolloutCall(worker, worker_ids, out, seq))
 
     def _recover(self, rollouts: Rollouts, policy: Pending) -> None:
         """After a failed critic call: name a dead learner or critic, else find the rollout calls
@@ -281,6 +294,10 @@ class Trainer:
         The learner's call of this attempt failed with the critic's (its input) and never ran;
         the buffer forgets this attempt's blocks, which are added again with the retry. Block ids
         are fixed per iteration, so a block is never counted twice nor silently dropped.
+
+        ``worker_failures`` counts deaths, not failed calls: the calls a worker had queued when
+        it died (async mode queues several iterations' calls) fail in their own iterations and
+        are recovered there, without counting that death again.
         """
         self.system.learner.ping()  # raises ComponentLost naming the learner if it is gone
         self.system.critic.ping()
@@ -292,21 +309,25 @@ class Trainer:
             raise RolloutError("the critic update failed but the policy update it feeds succeeded")
         if self.data_need != "none":
             self.system.buffer.resolve(self.system.buffer.call("discard", rollouts.ids))
-        failed, healthy, lost = [], [], []
-        for worker, worker_ids, out in rollouts.calls:
+        delivered, failed, lost = [], [], []
+        for call in rollouts.calls:
             try:
-                worker.resolve(out[-1])
-                healthy.append(worker)
+                call.worker.resolve(call.out[-1])
+                delivered.append(call)
             except ComponentLost as err:
-                self.counters["worker_failures"] += 1
-                self.events.append({"iteration": self.iteration, "event": "worker_lost", "detail": str(err)})
-                failed.extend(worker_ids)
-                lost.append(worker)
+                failed.extend(call.ids)
+                lost.append(call.worker)
+                if call.seq > self._deaths_seen.get(call.worker.name, 0):  # made before this death was seen
+                    self.counters["worker_failures"] += 1
+                    self.events.append({"iteration": self.iteration, "event": "worker_lost", "detail": str(err)})
+                    self._deaths_seen[call.worker.name] = self._calls_made[call.worker.name]
         if not failed:
             raise RolloutError("the critic update failed but every rollout call succeeded")
+        # A worker that delivered one call and then died is lost: its delivered blocks are kept.
+        healthy = [w for w in dict.fromkeys(call.worker for call in delivered) if w not in lost]
         if not healthy:
-            healthy = self._wait_for_a_worker(lost)
-        rollouts.calls = [c for c in rollouts.calls if c[0] in healthy]
+            healthy = self._wait_for_a_worker(list(dict.fromkeys(lost)))
+        rollouts.calls = delivered
         self._submit(rollouts, failed, healthy + [w for w in self.system.workers if w not in healthy])
 
     def _wait_for_a_worker(self, workers: list[Handle]) -> list[Handle]:
@@ -386,7 +407,7 @@ class Trainer:
         self.counters["blocks"] += len(rollouts.ids)
         self.counters["chains"] += len(rollouts.ids) * a.batch_size
         self.counters["transitions"] += len(rollouts.ids) * a.batch_size * len(self._steps())
-        summaries = [worker.resolve(out[-1]) for worker, _, out in rollouts.calls]  # done by now
+        summaries = [call.worker.resolve(call.out[-1]) for call in rollouts.calls]  # done by now
         self._rollout_reward = sum(s["reward_mean"] for s in summaries) / len(summaries)
         # Versions the rollouts ran behind the learner (0 in sync mode; the metric to watch in async).
         self._weights_lag = self.iteration - min(s["policy_version"] for s in summaries)

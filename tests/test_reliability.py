@@ -23,7 +23,15 @@ from sftrl.distributed import build_ray_system
 from sftrl.handles import ComponentLost
 from sftrl.models import build_networks
 from sftrl.run import main as run_main
-from sftrl.trainer import NonFiniteError, Trainer, build_local_system
+from sftrl.trainer import (
+    NonFiniteError,
+    Pending,
+    RolloutCall,
+    Rollouts,
+    System,
+    Trainer,
+    build_local_system,
+)
 from sftrl.weights import to_numpy_state
 
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -113,6 +121,65 @@ def test_killed_rollout_worker_is_restarted_and_no_block_is_lost_or_doubled(loca
                       num_returns=2)
     assert ray.get(out[-1])["policy_version"] == 5
     system.shutdown()
+
+
+LOST = object()  # a future whose component died
+
+
+class StubHandle:
+    """Records calls; resolving ``LOST`` raises ComponentLost, anything else is its own value."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.calls: list[tuple[str, tuple]] = []
+
+    def call(self, method, *args, num_returns=1):
+        self.calls.append((method, args))
+        out = [f"{self.name}.{method}.{len(self.calls)}.{k}" for k in range(num_returns)]
+        return out if num_returns > 1 else out[0]
+
+    def resolve(self, futures):
+        if futures is LOST:
+            raise ComponentLost(self.name, "the actor died")
+        return futures
+
+    def ping(self):
+        pass
+
+
+def test_recovery_keeps_what_a_dying_worker_delivered_and_counts_its_death_once(tmp_path):
+    """Worker 0 delivers one call of iteration 0 and dies before the next, with iteration 1's call
+    already queued on it (async mode). Its delivered block is kept, only the lost ids are asked
+    again (of worker 1, which delivered), and the death counts once though it fails two iterations."""
+    w0, w1, buffer, learner, critic = (StubHandle(n) for n in ("worker-0", "worker-1", "buffer", "learner", "critic"))
+    cfg = load(SMOKE, ["ray.backend=local"])
+    trainer = Trainer(cfg, System([w0, w1], buffer, learner, critic, "stub"), tmp_path, progress=False)
+    trainer._calls_made = {"worker-0": 3, "worker-1": 2}
+    failed_policy = Pending(learner, LOST, None)  # the learner's call never ran: its input failed
+
+    it0 = Rollouts(["it0/b0", "it0/b1", "it0/b2"], "theta0", "critic0", 0, [
+        RolloutCall(w0, ["it0/b0"], ["block-a", {"ok": 1}], 1),
+        RolloutCall(w0, ["it0/b1"], ["block-b", LOST], 2),
+        RolloutCall(w1, ["it0/b2"], ["block-c", {"ok": 1}], 1),
+    ])
+    delivered = list(it0.calls[::2])
+    trainer._recover(it0, failed_policy)
+    assert it0.calls[:2] == delivered  # worker 0's first block stays
+    (resent,) = it0.calls[2:]
+    assert resent.worker is w1 and resent.ids == ["it0/b1"] and resent.seq == 3
+    assert w1.calls == [("collect", ("theta0", "critic0", ["it0/b1"], cfg.algo.batch_size))]
+    assert it0.blocks()[0] == "block-a" and it0.blocks()[2] == "block-c"
+    assert ("discard", (it0.ids,)) in buffer.calls
+    assert trainer.counters["worker_failures"] == 1
+
+    it1 = Rollouts(["it1/b0", "it1/b1"], "theta0", "critic0", 0, [
+        RolloutCall(w0, ["it1/b0"], ["block-d", LOST], 3),  # queued before the death was seen
+        RolloutCall(w1, ["it1/b1"], ["block-e", {"ok": 1}], 2),
+    ])
+    trainer._recover(it1, failed_policy)
+    assert [c.ids for c in it1.calls] == [["it1/b1"], ["it1/b0"]] and it1.calls[1].worker is w1
+    assert trainer.counters["worker_failures"] == 1
+    assert [e["event"] for e in trainer.events] == ["worker_lost"]
 
 
 def test_lost_learner_stops_the_run_with_a_clear_error_and_the_checkpoint_intact(local_ray, tmp_path):
