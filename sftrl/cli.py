@@ -7,10 +7,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: must be >= 1")
+    return value
+
+
+def _check_out(out: str, flag: str = "--out") -> Path:
+    """An output file path that can be written (checked before any work): not a directory, and
+    no file where one of its parent directories would go."""
+    from sftrl.run import UsageError
+
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"{flag} '{out}' is a directory: give a file path")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"{flag} '{out}': '{parent}' is a file, not a directory")
+    return path
 
 
 def _schedule(args: argparse.Namespace) -> int:
@@ -45,12 +70,13 @@ def _pretrain(args: argparse.Namespace) -> int:
     from sftrl.run import resolve_config_path
 
     cfg = load(resolve_config_path(args.config), args.overrides)
+    out = _check_out(args.out) if args.out else None
     torch.set_num_threads(cfg.torch_threads)
     data = load_real_data(cfg)
     sampler = fresh_sampler(cfg, tuple(data.shape[1:]))
     info = load_or_pretrain(cfg, sampler, data, progress=not args.no_progress)
-    if args.out:
-        save_atomic(sampler_checkpoint(sampler, cfg, {"seconds": info["seconds"]}), Path(args.out))
+    if out is not None:
+        save_atomic(sampler_checkpoint(sampler, cfg, {"seconds": info["seconds"]}), out)
     print(json.dumps(info))
     return 0
 
@@ -96,16 +122,19 @@ def _sample(args: argparse.Namespace) -> int:
     from sftrl.diffusion.step import sample
     from sftrl.progress import Progress
 
+    out = _check_out(args.out)
     cfg, sampler, data_shape = _load_run(args.run_dir, args.checkpoint)
     generator = torch.Generator().manual_seed(args.seed)
     with Progress(args.n, "sample", unit="sample") as bar:
         x = sample(sampler.eval(), schedule_of(cfg).tables(), args.n, data_shape, generator=generator,
                    batch_size=args.batch_size, on_batch=bar.update).numpy()
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp.npz")
-    np.savez(tmp, x=x)
-    tmp.replace(out)
+    try:
+        np.savez(tmp, x=x)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {len(x)} samples of shape {tuple(x.shape[1:])} to {out}", file=sys.stderr)
     if len(data_shape) == 3:  # images: a PNG grid beside the arrays
         from sftrl.pictures import image_grid
@@ -149,11 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     samp = sub.add_parser("sample", help="draw samples from a run's fine-tuned sampler")
     samp.add_argument("run_dir", help="a run directory written by sftrl run")
-    samp.add_argument("-n", type=int, default=10_000, help="number of samples (default 10000)")
+    samp.add_argument("-n", type=_positive_int, default=10_000, help="number of samples (default 10000)")
     samp.add_argument("--out", default="samples.npz", help="output .npz with array x of shape (N, *data_shape)")
     samp.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
     samp.add_argument("--seed", type=int, default=0, help="sampling seed")
-    samp.add_argument("--batch-size", type=int, default=1000, help="chains sampled at once (default 1000)")
+    samp.add_argument("--batch-size", type=_positive_int, default=1000, help="chains sampled at once (default 1000)")
 
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint with the configured metric (SW2, exact W2)")
     ev.add_argument("run_dir", help="a run directory written by sftrl run")
@@ -188,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError, CheckpointError, SamplerCheckpointError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `sftrl schedule ... | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

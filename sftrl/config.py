@@ -227,6 +227,14 @@ class Config:
         need(r.num_cpus_per_worker >= 0, "rollout.num_cpus_per_worker", r.num_cpus_per_worker, "must be >= 0")
         need(r.max_restarts >= 0, "rollout.max_restarts", r.max_restarts, "must be >= 0")
         need(r.max_lag >= 0, "rollout.max_lag", r.max_lag, "must be >= 0 (0: sync mode)")
+        need(not (r.max_lag and 0 < t.checkpoint_every <= r.max_lag), "rollout.max_lag", r.max_lag,
+             f"async mode's pipeline restarts at every checkpoint, so with trainer.checkpoint_every = "
+             f"{t.checkpoint_every} the lag never reaches it: raise trainer.checkpoint_every above it "
+             "(or set it to 0: a checkpoint only at the end)")
+        for key in ("learner_num_gpus", "critic_num_gpus"):
+            need(getattr(self.ray, key) >= 0, f"ray.{key}", getattr(self.ray, key), "must be >= 0")
+        need(self.ray.num_cpus is None or self.ray.num_cpus >= 1, "ray.num_cpus", self.ray.num_cpus,
+             "must be >= 1, or null (all of this machine's)")
         need(self.torch_threads >= 1, "torch_threads", self.torch_threads, "must be >= 1")
         if self.device == "cuda" and self.ray.backend == "ray":
             shares = {"rollout.num_gpus_per_worker": r.num_gpus_per_worker,
@@ -252,6 +260,9 @@ def load(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     try:
         return cfg.validate()
     except ConfigError as err:
+        given = [o for o in overrides if o.split("=", 1)[0].strip() == err.key]
+        if given:  # the value came from the command line, not from the file
+            raise err.with_context(f"override '{given[-1]}'") from None
         if path:
             raise err.with_context(f"config file '{path}'") from None
         raise

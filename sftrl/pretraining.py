@@ -154,8 +154,11 @@ def save_atomic(obj: dict, path: Path) -> None:
     """torch.save to a temporary file beside ``path``, then rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed save or rename: no temporary file left behind
 
 
 class SamplerCheckpointError(ValueError):

@@ -53,6 +53,23 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter-0000020"
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["-n", "0"], "argument -n: 0 is invalid: must be >= 1"),
+        (["--batch-size", "0"], "argument --batch-size: 0 is invalid"),
+        (["--out", "{tmp}"], "is a directory: give a file path"),
+        (["--out", "{tmp}/afile/x.npz"], "afile' is a file, not a directory"),
+    ],
+)
+def test_sample_command_bad_arguments_exit_2_and_write_nothing(smoke_run, tmp_path, args, needle):
+    run_dir, _ = smoke_run
+    (tmp_path / "afile").write_text("")
+    result = run_cli(["sftrl.cli", "sample", str(run_dir), *[a.format(tmp=tmp_path) for a in args]], timeout=60)
+    assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_sample_command_writes_npz(smoke_run, tmp_path):
     run_dir, _ = smoke_run
     out = tmp_path / "x.npz"
@@ -72,6 +89,9 @@ def test_sample_command_writes_npz(smoke_run, tmp_path):
         ("algo.policy_lr=-1", "'algo.policy_lr'"),
         ("diffusion.steps=50", "'diffusion.steps'"),
         ("algo.name=reinforce", "valid: ppo, sft, sft-pg"),
+        ("trainer.iterations=-3", "override 'trainer.iterations=-3': 'trainer.iterations' = -3 is invalid"),
+        ("rollout.max_lag=10", "with trainer.checkpoint_every = 10 the lag never reaches it"),
+        ("ray.num_cpus=-2", "'ray.num_cpus' = -2 is invalid"),
         ("rollout.max_lag=-1", "'rollout.max_lag' = -1 is invalid: must be >= 0 (0: sync mode)"),
         ("algo.max_importance_weight=0", "'algo.max_importance_weight' = 0.0 is invalid"),
     ],
