@@ -132,17 +132,23 @@ def write_report(
     wall_s: float,
     pictures: dict[str, str] | None = None,
     placement: dict[str, dict] | None = None,
+    first_iteration: int = 0,
 ) -> dict:
+    """``wall_s``: this command's fine-tuning time, which ran iterations ``first_iteration`` (the
+    checkpoint it resumed from, else 0) to ``trainer.iteration``; speeds are over those."""
     rows = evaluation_rows(trainer.evaluations)
     iterations = trainer.iteration
+    ran = iterations - first_iteration  # in this command
+    chains_ran = ran * cfg.algo.n_critic * cfg.algo.batch_size
     report = {
         "name": cfg.name,
         "algorithm": cfg.algo.name,
         "critic_regulariser": cfg.algo.critic_regulariser,
         "backend": trainer.system.backend,
         "iterations": iterations,
+        "resumed_from_iteration": first_iteration,
         "wall_s": wall_s,
-        "seconds_per_iteration": wall_s / iterations if iterations else None,
+        "seconds_per_iteration": wall_s / ran if ran else None,
         "pretrain": pretrain_info,
         "counters": trainer.counters,
         "placement": placement or {},
@@ -176,9 +182,11 @@ def write_report(
         "",
         "## Run",
         "",
-        f"- iterations: {iterations}, wall time {wall_s:.1f} s"
-        + (f" ({wall_s / iterations * 1e3:.1f} ms per iteration)" if iterations else ""),
-        f"- rollout chains: {chains} ({chains / wall_s:.0f} per second)" if wall_s > 0 else f"- rollout chains: {chains}",
+        f"- iterations: {iterations}"
+        + (f" ({ran} in this command, resumed at {first_iteration})" if first_iteration else "")
+        + f", wall time {wall_s:.1f} s"
+        + (f" ({wall_s / ran * 1e3:.1f} ms per iteration)" if ran else ""),
+        f"- rollout chains: {chains}" + (f" ({chains_ran / wall_s:.0f} per second)" if ran and wall_s > 0 else ""),
         f"- initial sampler: {pretrain_info.get('source')} ({pretrain_info.get('path')}), "
         f"{pretrain_info.get('seconds', 0.0):.1f} s",
         *([f"- placement: {placement_summary(placement)}"] if placement else []),

@@ -59,27 +59,87 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m sftrl.run",
         description="Fine-tune a diffusion sampler with SFT-PG (Algorithm 1) and write a run directory.",
     )
-    parser.add_argument("config", help="experiment YAML, e.g. configs/swissroll.yaml")
+    parser.add_argument("config", nargs="?",
+                        help="experiment YAML, e.g. configs/swissroll.yaml (with --resume: the run's own by default)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.iterations=200")
     parser.add_argument("--run-dir", help="run directory (default: runs/<name>-<timestamp>/)")
     parser.add_argument("--resume", help="'auto' (the run directory's latest checkpoint) or a checkpoint path")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
     # Overrides may come before or after the options (`CONFIG --run-dir D key=value`).
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.config is not None and "=" in args.config and not Path(args.config).is_file():
+        args.overrides.insert(0, args.config)  # `--run-dir D --resume auto key=value`: no config given
+        args.config = None
+    return args
+
+
+# Keys a resumed run may change: how long it runs, what it logs, where and on what it runs. Any
+# other difference from the checkpoint's config would continue a different experiment.
+RESUMABLE_CHANGES = ("name", "device", "torch_threads", "trainer.", "ray.", "rollout.num_workers",
+                     "rollout.num_cpus_per_worker", "rollout.num_gpus_per_worker", "rollout.max_restarts",
+                     "pretrain.cache_dir", "model.checkpoint")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(cfg: Config, state: dict, checkpoint: Path, run_dir: Path) -> None:
+    """The config must continue the checkpoint's experiment, and for at least as many iterations."""
+    from sftrl.configtools import to_dict
+
+    before, now = _flat(state.get("config", {})), _flat(to_dict(cfg))
+    changed = [k for k in now if k in before and before[k] != now[k] and not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        first = changed[0]
+        more = f" (and {len(changed) - 1} more: {', '.join(changed[1:])})" if len(changed) > 1 else ""
+        raise UsageError(
+            f"--resume: checkpoint '{checkpoint}' continues a run with {first} = {before[first]!r}, this command "
+            f"gives {now[first]!r}{more}; resume with the run's own config (python -m sftrl.run --run-dir {run_dir} "
+            "--resume auto [trainer.iterations=N]) or start a new run directory"
+        )
+    done = int(state["iteration"])
+    if cfg.trainer.iterations < done:
+        raise UsageError(
+            f"--resume: trainer.iterations = {cfg.trainer.iterations} is below the checkpoint's iteration {done}; "
+            f"give trainer.iterations >= {done} to continue the run"
+        )
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    for path in (run_dir, *run_dir.parents):
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--run-dir '{run_dir}': '{path}' is a file, not a directory")
 
 
 def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:
     """Everything that can fail on user input, before anything is written."""
-    cfg = load(resolve_config_path(args.config), args.overrides)
+    if args.config is None:
+        saved = Path(args.run_dir) / "config.yaml" if args.run_dir else None
+        if not (args.resume and saved is not None and saved.is_file()):
+            raise UsageError("give a config file (e.g. configs/swissroll.yaml), or continue a run with its own "
+                             "config: --run-dir DIR --resume auto")
+        config_path = saved
+    else:
+        config_path = resolve_config_path(args.config)
+    cfg = load(config_path, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
         f"{cfg.name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     )
+    _check_run_dir(run_dir)
     resume_state = None
     if args.resume:
         path = latest_checkpoint(run_dir) if args.resume == "auto" else Path(args.resume)
         if path is None:
             raise UsageError(f"--resume auto: no checkpoint in '{run_dir / 'checkpoints'}' (give --run-dir of the run)")
         resume_state = load_checkpoint(path)
+        check_resumable(cfg, resume_state, path, run_dir)
     elif (run_dir / "metrics.jsonl").exists():
         raise UsageError(f"run directory '{run_dir}' already holds a run: pass --resume auto to continue it")
     return cfg, run_dir, resume_state
@@ -245,7 +305,6 @@ def train(
     try:
         system = launch.system(init, data)
         run_dir.mkdir(parents=True, exist_ok=True)  # only once the components exist: a bad ask writes nothing
-        dump_yaml(cfg, run_dir / "config.yaml", header="resolved sftrl config")
         placement = system.placement()
         print(f"placement: {placement_summary(placement)}", file=sys.stderr, flush=True)
         evaluator = build_evaluator(cfg, init)
@@ -259,20 +318,24 @@ def train(
             log_sinks=(tensorboard,),
             started=started,
         )
+        if resume_state is not None:
+            trainer.restore(resume_state)
+        first_iteration = trainer.iteration
+        dump_yaml(cfg, run_dir / "config.yaml", header="resolved sftrl config")  # once the resume worked
         start = time.monotonic()
         with StopOnSignal(trainer) as stop:
-            if resume_state is not None:
-                trainer.restore(resume_state)
             trainer.fit()
         wall_s = time.monotonic() - start
         pictures = make_pictures(run_dir, cfg, init, trainer, data, tensorboard)
-        write_report(run_dir, cfg, trainer, pretrain_info, wall_s, pictures, placement)
+        write_report(run_dir, cfg, trainer, pretrain_info, wall_s, pictures, placement, first_iteration)
         if stop.signum is not None:
-            print(f"stopped at iteration {trainer.iteration}; continue with --run-dir {run_dir} --resume auto", file=sys.stderr)
+            print(f"stopped at iteration {trainer.iteration}; continue with: python -m sftrl.run --run-dir {run_dir} "
+                  "--resume auto", file=sys.stderr)
             return 128 + stop.signum
     except (NonFiniteError, ComponentLost, RolloutError) as err:
         last = latest_checkpoint(run_dir)
-        print(f"error: {err}; last checkpoint: {last or 'none'} (resume with --run-dir {run_dir} --resume auto)", file=sys.stderr)
+        print(f"error: {err}; last checkpoint: {last or 'none'} (resume with: python -m sftrl.run --run-dir {run_dir} --resume auto)",
+              file=sys.stderr)
         return 1
     finally:
         if tensorboard is not None:

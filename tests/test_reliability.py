@@ -77,6 +77,39 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, cache_dir, mode):
     assert state["iteration"] == 6 and state["counters"]["blocks"] == 6 * 2
 
 
+def test_resume_refuses_another_experiment_and_continues_with_the_runs_own_config(tmp_path, cache_dir, capsys):
+    """A resume that would continue a different experiment (another data set, another mode) or
+    stop before the checkpoint is one line, exit 2, and leaves the run as it was; without a config
+    the run's own is used, and the report's speed counts only this command's iterations."""
+    run_dir = tmp_path / "run"
+    common = ["ray.backend=local", f"pretrain.cache_dir={cache_dir}", "trainer.eval_every=0", "--no-progress",
+              "--run-dir", str(run_dir)]
+    assert run_main([str(SMOKE), "trainer.iterations=4", "trainer.checkpoint_every=2", "rollout.max_lag=1", *common]) == 0
+    config_before = (run_dir / "config.yaml").read_bytes()
+    capsys.readouterr()
+    for argv, needle in [
+        ([str(REPO / "configs" / "moons.yaml")], "continues a run with data.name = 'swissroll', this command gives 'moons'"),
+        ([str(SMOKE), "trainer.checkpoint_every=2"], "continues a run with rollout.max_lag = 1, this command gives 0"),
+        (["trainer.iterations=3"], "trainer.iterations = 3 is below the checkpoint's iteration 4"),
+    ]:
+        assert run_main([*argv, *common, "--resume", "auto"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+        assert (run_dir / "config.yaml").read_bytes() == config_before
+    assert run_main(["trainer.iterations=6", *common, "--resume", "auto"]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["iterations"] == 6 and report["resumed_from_iteration"] == 4
+    assert report["config"]["rollout"]["max_lag"] == 1 and report["config"]["trainer"]["checkpoint_every"] == 2
+    assert "- iterations: 6 (2 in this command, resumed at 4)" in (run_dir / "report.md").read_text()
+
+
+def test_run_dir_under_a_file_is_a_user_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert run_main([str(SMOKE), "--run-dir", str(tmp_path / "afile" / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file, not a directory" in err[0]
+
+
 def test_resume_of_a_run_directory_without_checkpoint_is_a_user_error(tmp_path, capsys):
     code = run_main([str(SMOKE), "--run-dir", str(tmp_path / "empty"), "--resume", "auto"])
     assert code == 2
