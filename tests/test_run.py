@@ -121,6 +121,23 @@ def test_gpu_ask_beyond_the_in_process_cluster_is_one_line_exit_2(tmp_path, cach
     assert not run_dir.exists()
 
 
+def test_cluster_address_where_nothing_listens_is_one_line_exit_2(tmp_path, cache_dir):
+    """Rather than minutes of Ray retrying its connection."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    result = run_cli(["sftrl.run", "configs/smoke.yaml", f"pretrain.cache_dir={cache_dir}", f"ray.address=127.0.0.1:{port}",
+                      "--run-dir", str(run_dir), "--no-progress"], timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"ray.address = '127.0.0.1:{port}': no Ray cluster answers there" in errors[0]
+    assert not run_dir.exists()
+
+
 def test_ctrl_c_while_the_sampler_pretrains_exits_130_and_writes_nothing(tmp_path, monkeypatch, capsys):
     import sftrl.run
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -88,12 +89,29 @@ def init_ray(cfg: Config) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
         ray.init(address=address, log_to_driver=True)
     else:
         # "local" starts a fresh instance: a bare ray.init() would try to join whatever cluster
         # /tmp/ray/ray_current_cluster names, even a dead one (minutes of GCS timeouts).
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
     return True
+
+
+def check_reachable(address: str, key: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) address where nothing listens is a user error now,
+    rather than minutes of Ray retrying its connection. Other forms (``auto``, ``local``) pass."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit() or "://" in target:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ValueError(
+            f"{key} = '{address}': no Ray cluster answers there ({err.strerror or err}); start one "
+            "(bash cluster/start-local-head.sh) or leave ray.address null to start Ray in this process"
+        ) from None
 
 
 def resource_asks(cfg: Config) -> dict[str, tuple[float, str]]:
