@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sch = sub.add_parser("schedule", help="print a sampling schedule's table")
     sch.add_argument("name", choices=SCHEDULE_NAMES, help="schedule name")
-    sch.add_argument("--steps", type=int, required=True, help="S, number of sampling steps")
-    sch.add_argument("--T", type=int, default=1000, help="T of the base DDPM (default 1000)")
+    sch.add_argument("--steps", type=_positive_int, required=True, help="S, number of sampling steps")
+    sch.add_argument("--T", type=_positive_int, default=1000, help="T of the base DDPM (default 1000)")
     sch.add_argument("--kappa", type=float, default=1.0, help="FastDPM noise scale (default 1.0)")
     sch.add_argument("--beta-schedule", default="linear", choices=("linear", "sigmoid"), help="base betas (default linear)")
     sch.add_argument("--variance", default="beta", choices=("beta", "posterior"), help="ddpm/strided variance (default beta)")

@@ -4,6 +4,7 @@ Every expected number here is derived in the test itself (plain loops, the formu
 design notes, scipy's brentq for the timestep search), not by calling the library's helpers.
 """
 
+import json
 import math
 
 import numpy as np
@@ -331,3 +332,15 @@ def test_tables_are_indexed_by_n(name):
     t32 = s.tables("cpu")
     assert t32.coef_eps.dtype == torch.float32
     assert torch.equal(t32.coef_eps[1:], tables.coef_eps[1:].float())
+
+
+def test_schedule_command_prints_the_table_and_refuses_a_bad_T(capsys):
+    from sftrl.cli import main
+
+    assert main(["schedule", "fastdpm-var-quadratic", "--steps", "10", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table["name"] == "fastdpm-var-quadratic" and len(table["steps"]) == 10
+    assert table["steps"][0]["tau"] == pytest.approx(616.7, abs=0.05)  # the README's example
+    with pytest.raises(SystemExit) as exit_info:
+        main(["schedule", "strided", "--steps", "10", "--T", "0"])
+    assert exit_info.value.code == 2 and "argument --T: 0 is invalid: must be >= 1" in capsys.readouterr().err
