@@ -14,6 +14,10 @@ Checks, each in its own subprocess or try block (one failing does not stop the o
   from a randomly initialised checkpoint in the DDIM release's format and generated 64x64 JPEGs,
   through Ray with fractional GPUs: seconds per iteration, the number the config's 50,000
   iterations scale from. The weights are random, so no quality is measured.
+- ``swissroll-gpu-async`` and ``celeba-async``: the same two runs in async mode
+  (``rollout.max_lag=1``: the rollouts one weights version behind, so the worker's collect
+  overlaps the critic and the learner on the shared GPU); the swiss roll reuses the sync run's
+  pretrained sampler when that ran first.
 
 ``--device cpu --small`` runs the same script on a CPU machine with tiny settings (to check the
 script itself before spending GPU time).
@@ -118,8 +122,9 @@ def gpu_overrides(device: str) -> list[str]:
     return ["device=cuda", "rollout.num_gpus_per_worker=0.25", "ray.learner_num_gpus=0.25", "ray.critic_num_gpus=0.25"]
 
 
-def check_swissroll(device: str, small: bool, work: Path, name: str) -> dict:
-    overrides = [f"pretrain.cache_dir={work / ('cache-' + name)}", "trainer.eval_every=250", *gpu_overrides(device)]
+def check_swissroll(device: str, small: bool, work: Path, name: str, extra: tuple[str, ...] = ()) -> dict:
+    overrides = [f"pretrain.cache_dir={work / 'cache-swissroll-gpu'}", "trainer.eval_every=250", *gpu_overrides(device),
+                 *extra]
     if small:
         overrides += ["trainer.iterations=20", "pretrain.epochs=2", "trainer.eval_every=10", "trainer.eval_samples=2000",
                       "trainer.exact_w2_points=200"]
@@ -140,7 +145,7 @@ def check_swissroll_cpu(small: bool, work: Path) -> dict:
     return run_sftrl("configs/swissroll.yaml", overrides, work / "swissroll-cpu", timeout=100)
 
 
-def check_celeba(device: str, small: bool, work: Path) -> dict:
+def check_celeba(device: str, small: bool, work: Path, name: str = "celeba", extra: tuple[str, ...] = ()) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from test_image_e2e import write_celeba_jpegs  # the tests' generated aligned-CelebA folder
 
@@ -153,13 +158,13 @@ def check_celeba(device: str, small: bool, work: Path) -> dict:
     cfg = load(REPO / "configs" / "celeba.yaml", size)
     sampler, _, _ = build_networks(cfg, (3, cfg.data.image_size, cfg.data.image_size))
     state = {f"module.{k}": v for k, v in sampler.state_dict().items()}  # DataParallel keys, as released
-    checkpoint = work / "ddim_celeba_random.pth"
+    checkpoint = work / f"ddim_celeba_random_{name}.pth"
     torch.save([state, {}, 0, 0, state], checkpoint)  # [model, optimizer, epoch, step, ema]
-    folder = write_celeba_jpegs(work / "celeba", 16 if small else 512)
+    folder = write_celeba_jpegs(work / f"{name}-images", 16 if small else 512)
     overrides = [*size, f"data.path={folder}", f"model.checkpoint={checkpoint}", "trainer.iterations=4",
                  "trainer.eval_every=0", "trainer.eval_samples=64", "trainer.log_every=1", "trainer.checkpoint_every=0",
-                 *gpu_overrides(device)]
-    result = run_sftrl("configs/celeba.yaml", overrides, work / "celeba-run", timeout=240,
+                 *gpu_overrides(device), *extra]
+    result = run_sftrl("configs/celeba.yaml", overrides, work / f"{name}-run", timeout=240,
                        env={"TORCH_HOME": str(work / "torch-home")})  # no Inception weights: FID skipped
     result["parameters"] = sum(p.numel() for p in sampler.parameters())
     result["iteration_s_median"] = statistics.median(result["iteration_s_all"][1:])  # the first one warms up
@@ -171,7 +176,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/gpu-check.json")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--small", action="store_true", help="tiny settings (to check the script on a CPU)")
-    parser.add_argument("--only", default="env,celeba,swissroll-gpu,swissroll-cpu")
+    parser.add_argument("--only", default="env,celeba,swissroll-gpu,swissroll-cpu,swissroll-gpu-async,celeba-async")
     args = parser.parse_args()
     out = Path(args.out)
     facts = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
@@ -182,6 +187,9 @@ def main() -> None:
         "swissroll-gpu": lambda work: check_swissroll(args.device, args.small, work, "swissroll-gpu"),
         "swissroll-cpu": lambda work: check_swissroll_cpu(args.small, work),
         "celeba": lambda work: check_celeba(args.device, args.small, work),
+        "swissroll-gpu-async": lambda work: check_swissroll(args.device, args.small, work, "swissroll-gpu-async",
+                                                            ("rollout.max_lag=1",)),
+        "celeba-async": lambda work: check_celeba(args.device, args.small, work, "celeba-async", ("rollout.max_lag=1",)),
     }
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only.split(","):
