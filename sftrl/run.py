@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import re
 import signal
 import sys
 import threading
@@ -54,6 +55,9 @@ def resolve_config_path(path: str) -> Path:
     )
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")  # `key.sub=value`, not a path
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m sftrl.run",
@@ -67,17 +71,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
     # Overrides may come before or after the options (`CONFIG --run-dir D key=value`).
     args = parser.parse_intermixed_args(argv)
-    if args.config is not None and "=" in args.config and not Path(args.config).is_file():
+    if args.config is not None and OVERRIDE.match(args.config) and not Path(args.config).is_file():
         args.overrides.insert(0, args.config)  # `--run-dir D --resume auto key=value`: no config given
         args.config = None
     return args
+
 
 
 # Keys a resumed run may change: how long it runs, what it logs, where and on what it runs. Any
 # other difference from the checkpoint's config would continue a different experiment.
 RESUMABLE_CHANGES = ("name", "device", "torch_threads", "trainer.", "ray.", "rollout.num_workers",
                      "rollout.num_cpus_per_worker", "rollout.num_gpus_per_worker", "rollout.max_restarts",
-                     "pretrain.cache_dir", "model.checkpoint")
+                     "pretrain.cache_dir", "data.path")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -90,19 +95,25 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resumable(cfg: Config, state: dict, checkpoint: Path, run_dir: Path) -> None:
+def check_resumable(cfg: Config, state: dict, checkpoint: Path, overrides: list[str]) -> None:
     """The config must continue the checkpoint's experiment, and for at least as many iterations."""
     from sftrl.configtools import to_dict
 
     before, now = _flat(state.get("config", {})), _flat(to_dict(cfg))
-    changed = [k for k in now if k in before and before[k] != now[k] and not k.startswith(RESUMABLE_CHANGES)]
+    fixed = [k for k in now if not k.startswith(RESUMABLE_CHANGES)]
+    if cfg.algo.policy_lr_decay == "linear":
+        fixed.append("trainer.iterations")  # the decay's length: the rate would jump back up
+    changed = [k for k in fixed if k in before and before[k] != now[k]]
     if changed:
         first = changed[0]
         more = f" (and {len(changed) - 1} more: {', '.join(changed[1:])})" if len(changed) > 1 else ""
+        given = [o for o in overrides if o.split("=", 1)[0].strip() in changed]
+        run_dir = checkpoint.parent.parent  # <run>/checkpoints/iter-N
+        fix = (f"drop {' '.join(given)}" if given and len(given) == len(changed) else
+               f"resume with the run's own config: python -m sftrl.run --run-dir {run_dir} --resume auto")
         raise UsageError(
             f"--resume: checkpoint '{checkpoint}' continues a run with {first} = {before[first]!r}, this command "
-            f"gives {now[first]!r}{more}; resume with the run's own config (python -m sftrl.run --run-dir {run_dir} "
-            "--resume auto [trainer.iterations=N]) or start a new run directory"
+            f"gives {now[first]!r}{more}; {fix}, or start a new run directory"
         )
     done = int(state["iteration"])
     if cfg.trainer.iterations < done:
@@ -139,7 +150,7 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:
         if path is None:
             raise UsageError(f"--resume auto: no checkpoint in '{run_dir / 'checkpoints'}' (give --run-dir of the run)")
         resume_state = load_checkpoint(path)
-        check_resumable(cfg, resume_state, path, run_dir)
+        check_resumable(cfg, resume_state, path, args.overrides)
     elif (run_dir / "metrics.jsonl").exists():
         raise UsageError(f"run directory '{run_dir}' already holds a run: pass --resume auto to continue it")
     return cfg, run_dir, resume_state
@@ -334,8 +345,9 @@ def train(
             return 128 + stop.signum
     except (NonFiniteError, ComponentLost, RolloutError) as err:
         last = latest_checkpoint(run_dir)
-        print(f"error: {err}; last checkpoint: {last or 'none'} (resume with: python -m sftrl.run --run-dir {run_dir} --resume auto)",
-              file=sys.stderr)
+        then = (f"last checkpoint: {last} (resume with: python -m sftrl.run --run-dir {run_dir} --resume auto)" if last
+                else "no checkpoint was written yet: start again in a new run directory")
+        print(f"error: {err}; {then}", file=sys.stderr)
         return 1
     finally:
         if tensorboard is not None:

@@ -91,6 +91,7 @@ def test_resume_refuses_another_experiment_and_continues_with_the_runs_own_confi
         ([str(REPO / "configs" / "moons.yaml")], "continues a run with data.name = 'swissroll', this command gives 'moons'"),
         ([str(SMOKE), "trainer.checkpoint_every=2"], "continues a run with rollout.max_lag = 1, this command gives 0"),
         (["trainer.iterations=3"], "trainer.iterations = 3 is below the checkpoint's iteration 4"),
+        (["seed=3"], "continues a run with seed = 0, this command gives 3; drop seed=3, or start"),
     ]:
         assert run_main([*argv, *common, "--resume", "auto"]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -108,9 +108,10 @@ def check_reachable(address: str, key: str, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as err:
+        instead = "unset RAY_ADDRESS" if key == "RAY_ADDRESS" else "leave ray.address null"
         raise ValueError(
             f"{key} = '{address}': no Ray cluster answers there ({err.strerror or err}); start one "
-            "(bash cluster/start-local-head.sh) or leave ray.address null to start Ray in this process"
+            f"(bash cluster/start-local-head.sh) or {instead} to start Ray in this process"
         ) from None
 
 
