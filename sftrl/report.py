@@ -124,6 +124,23 @@ def make_pictures(run_dir: Path, cfg: Config, init, trainer, data, tensorboard=N
     return out
 
 
+def command_history(run_dir: Path, first_iteration: int, iterations: int, wall_s: float) -> list[dict]:
+    """The run directory's fine-tuning commands so far, oldest first: ``{from_iteration,
+    to_iteration, wall_s}`` each. A resumed run carries over those of the report it finds that
+    ended by the checkpoint it resumed from."""
+    earlier: list[dict] = []
+    if first_iteration:
+        try:
+            previous = json.loads((run_dir / "report.json").read_text())
+        except (OSError, ValueError):
+            previous = {}
+        earlier = previous.get("commands") or (
+            [{"from_iteration": previous.get("resumed_from_iteration", 0), "to_iteration": previous["iterations"],
+              "wall_s": previous["wall_s"]}] if {"iterations", "wall_s"} <= previous.keys() else [])
+        earlier = [c for c in earlier if c["to_iteration"] <= first_iteration]
+    return [*earlier, {"from_iteration": first_iteration, "to_iteration": iterations, "wall_s": wall_s}]
+
+
 def write_report(
     run_dir: Path,
     cfg: Config,
@@ -140,6 +157,7 @@ def write_report(
     iterations = trainer.iteration
     ran = iterations - first_iteration  # in this command
     chains_ran = ran * cfg.algo.n_critic * cfg.algo.batch_size
+    commands = command_history(run_dir, first_iteration, iterations, wall_s)
     report = {
         "name": cfg.name,
         "algorithm": cfg.algo.name,
@@ -149,6 +167,7 @@ def write_report(
         "resumed_from_iteration": first_iteration,
         "wall_s": wall_s,
         "seconds_per_iteration": wall_s / ran if ran else None,
+        "commands": commands,
         "pretrain": pretrain_info,
         "counters": trainer.counters,
         "placement": placement or {},
@@ -187,6 +206,8 @@ def write_report(
         + f", wall time {wall_s:.1f} s"
         + (f" ({wall_s / ran * 1e3:.1f} ms per iteration)" if ran else ""),
         f"- rollout chains: {chains}" + (f" ({chains_ran / wall_s:.0f} per second)" if ran and wall_s > 0 else ""),
+        *(["- commands: " + "; ".join(f"iterations {c['from_iteration']}-{c['to_iteration']} in {c['wall_s']:.1f} s"
+                                       for c in commands)] if len(commands) > 1 else []),
         f"- initial sampler: {pretrain_info.get('source')} ({pretrain_info.get('path')}), "
         f"{pretrain_info.get('seconds', 0.0):.1f} s",
         *([f"- placement: {placement_summary(placement)}"] if placement else []),

@@ -102,6 +102,7 @@ def test_resume_refuses_another_experiment_and_continues_with_the_runs_own_confi
     assert report["iterations"] == 6 and report["resumed_from_iteration"] == 4
     assert report["config"]["rollout"]["max_lag"] == 1 and report["config"]["trainer"]["checkpoint_every"] == 2
     assert "- iterations: 6 (2 in this command, resumed at 4)" in (run_dir / "report.md").read_text()
+    assert [(c["from_iteration"], c["to_iteration"]) for c in report["commands"]] == [(0, 4), (4, 6)]
 
 
 def test_run_dir_under_a_file_is_a_user_error(tmp_path, capsys):
