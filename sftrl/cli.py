@@ -27,14 +27,12 @@ def _positive_int(text: str) -> int:
 def _check_out(out: str, flag: str = "--out") -> Path:
     """An output file path that can be written (checked before any work): not a directory, and
     no file where one of its parent directories would go."""
-    from sftrl.run import UsageError
+    from sftrl.run import UsageError, check_not_under_a_file
 
     path = Path(out)
     if path.is_dir():
         raise UsageError(f"{flag} '{out}' is a directory: give a file path")
-    for parent in path.parents:
-        if parent.exists() and not parent.is_dir():
-            raise UsageError(f"{flag} '{out}': '{parent}' is a file, not a directory")
+    check_not_under_a_file(path, flag)
     return path
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from sftrl.configtools import ConfigError, doc_field, load_config, to_dict
+from sftrl.configtools import ConfigError, doc_field, load_config, override_key, to_dict
 
 TOY_DATASETS = ("swissroll", "moons", "gaussian")
 IMAGE_DATASETS = ("digits", "mnist", "cifar10", "celeba", "folder")
@@ -260,7 +260,7 @@ def load(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     try:
         return cfg.validate()
     except ConfigError as err:
-        given = [o for o in overrides if o.split("=", 1)[0].strip() == err.key]
+        given = [o for o in overrides if override_key(o) == err.key]
         if given:  # the value came from the command line, not from the file
             raise err.with_context(f"override '{given[-1]}'") from None
         if path:

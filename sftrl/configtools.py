@@ -501,6 +501,11 @@ def load_yaml_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 _OVERRIDE_FORM = "expected the form key.sub=value, e.g. trainer.lr=1e-3"
 
 
+def override_key(text: str) -> str:
+    """The dotted key an override ``a.b.c=value`` sets (``"a.b.c"``)."""
+    return ".".join(part.strip() for part in text.partition("=")[0].split("."))
+
+
 def parse_override(text: str) -> tuple[list[str], object]:
     """Parse ``a.b.c=value`` into ``(['a', 'b', 'c'], value)``.
 
@@ -656,6 +661,17 @@ def to_dict(obj: Any) -> dict[str, Any]:
     if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
         raise TypeError(f"to_dict() needs a dataclass instance, got {type(obj).__name__}")
     return {f.name: _to_plain(getattr(obj, f.name)) for f in _init_fields(type(obj))}
+
+
+def flat_dict(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``to_dict``'s nested dict as ``{"dotted.key": leaf value}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 class _Dumper(yaml.SafeDumper):

@@ -77,7 +77,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-
 # Keys a resumed run may change: how long it runs, what it logs, where and on what it runs. Any
 # other difference from the checkpoint's config would continue a different experiment.
 RESUMABLE_CHANGES = ("name", "device", "torch_threads", "trainer.", "ray.", "rollout.num_workers",
@@ -85,21 +84,11 @@ RESUMABLE_CHANGES = ("name", "device", "torch_threads", "trainer.", "ray.", "rol
                      "pretrain.cache_dir", "data.path")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_resumable(cfg: Config, state: dict, checkpoint: Path, overrides: list[str]) -> None:
     """The config must continue the checkpoint's experiment, and for at least as many iterations."""
-    from sftrl.configtools import to_dict
+    from sftrl.configtools import flat_dict, override_key, to_dict
 
-    before, now = _flat(state.get("config", {})), _flat(to_dict(cfg))
+    before, now = flat_dict(state.get("config", {})), flat_dict(to_dict(cfg))
     fixed = [k for k in now if not k.startswith(RESUMABLE_CHANGES)]
     if cfg.algo.policy_lr_decay == "linear":
         fixed.append("trainer.iterations")  # the decay's length: the rate would jump back up
@@ -107,7 +96,7 @@ def check_resumable(cfg: Config, state: dict, checkpoint: Path, overrides: list[
     if changed:
         first = changed[0]
         more = f" (and {len(changed) - 1} more: {', '.join(changed[1:])})" if len(changed) > 1 else ""
-        given = [o for o in overrides if o.split("=", 1)[0].strip() in changed]
+        given = [o for o in overrides if override_key(o) in changed]
         run_dir = checkpoint.parent.parent  # <run>/checkpoints/iter-N
         fix = (f"drop {' '.join(given)}" if given and len(given) == len(changed) else
                f"resume with the run's own config: python -m sftrl.run --run-dir {run_dir} --resume auto")
@@ -123,10 +112,11 @@ def check_resumable(cfg: Config, state: dict, checkpoint: Path, overrides: list[
         )
 
 
-def _check_run_dir(run_dir: Path) -> None:
-    for path in (run_dir, *run_dir.parents):
-        if path.exists() and not path.is_dir():
-            raise UsageError(f"--run-dir '{run_dir}': '{path}' is a file, not a directory")
+def check_not_under_a_file(path: Path, flag: str) -> None:
+    """No file stands where ``path``'s parent directories would go (a user error, said before any work)."""
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"{flag} '{path}': '{parent}' is a file, not a directory")
 
 
 def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:
@@ -143,7 +133,9 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
         f"{cfg.name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     )
-    _check_run_dir(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--run-dir '{run_dir}': '{run_dir}' is a file, not a directory")
+    check_not_under_a_file(run_dir, "--run-dir")
     resume_state = None
     if args.resume:
         path = latest_checkpoint(run_dir) if args.resume == "auto" else Path(args.resume)
