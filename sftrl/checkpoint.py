@@ -7,8 +7,11 @@ holding the directory name of the newest complete checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -22,23 +25,52 @@ class CheckpointError(ValueError):
     """A run checkpoint that is missing, corrupt or of another format."""
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT/SIGTERM arriving in the block (a second Ctrl-C raises in the main thread) are
+    recorded and raised again once it is done. Python runs signal handlers in the main thread
+    only, so a block in another thread needs no deferral."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in caught:
+            signal.raise_signal(s)
+
+
 def save_checkpoint(run_dir: Path, iteration: int, state: dict, keep: int) -> Path:
-    """Write ``state`` as ``iter-{iteration}``; keep the newest ``keep``; returns its directory."""
+    """Write ``state`` as ``iter-{iteration}``; keep the newest ``keep``; returns its directory.
+
+    A checkpoint of the same iteration (a stop right after a scheduled checkpoint saves again,
+    with the evaluations that finished since) is replaced only once the new one is complete:
+    the old directory is moved aside, the new one moved in, then the old one deleted, with
+    SIGINT/SIGTERM held between the moves. Leftovers of a killed writer are swept.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".iter-*.*-*"):  # .iter-N.tmp-PID / .iter-N.old-PID of a killed writer
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
     name = f"iter-{iteration:07d}"
     final = root / name
     tmp = root / f".{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
     pointer_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
     pointer_tmp.write_text(name + "\n")
-    os.replace(pointer_tmp, root / LATEST)
+    aside = root / f".{name}.old-{os.getpid()}"
+    with _signals_deferred():
+        if final.exists():
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        os.replace(pointer_tmp, root / LATEST)
+    shutil.rmtree(aside, ignore_errors=True)
     for old in sorted(p for p in root.glob("iter-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
