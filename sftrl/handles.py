@@ -33,6 +33,10 @@ class Handle(Protocol):
 
     def ping(self) -> None: ...
 
+    def probe(self) -> Any: ...
+
+    def done(self, future: Any) -> bool: ...
+
     def placement(self) -> dict[str, Any]: ...
 
 
@@ -62,6 +66,14 @@ class LocalHandle:
 
     def ping(self) -> None:
         """Raise ComponentLost if the component is gone (a local object never is)."""
+
+    def probe(self) -> Any:
+        """A future that resolves once the component answers (``ping`` without waiting)."""
+        return None
+
+    def done(self, future: Any) -> bool:
+        """Whether ``resolve(future)`` would return (or raise) at once."""
+        return True
 
     def placement(self) -> dict[str, Any]:
         """Where the component runs: ``{"node": ..., "device": ..., "gpu_ids": [...]}``."""

@@ -195,12 +195,14 @@ class Trainer:
         self._previous_end: float | None = None  # perf_counter() at the end of the last step
         self._calls_made: dict[str, int] = {}  # collect calls made per worker
         self._deaths_seen: dict[str, int] = {}  # per worker: the calls made when its last death was seen
+        self._dead: dict[str, Any] = {}  # workers seen dead, by name: a probe that resolves once one is back
         self.evaluations: list[dict[str, Any]] = []
         self._evaluating: list[tuple[int, int, Future]] = []  # (iteration, version, result), in order
         self._evaluation_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftrl-eval")
         self._last_evaluated = -1  # the iteration of the last evaluation started
         self._critic_weights = system.critic.call("get_weights")
         self._trainable_steps = None
+        self._saved: tuple | None = None  # (iteration, evaluations, events) of the last checkpoint
 
     # -- Algorithm 1, one iteration ------------------------------------------------------------
 
@@ -247,8 +249,22 @@ class Trainer:
         a = self.cfg.algo
         rollouts = Rollouts(ids=[f"it{iteration}/b{k}" for k in range(a.n_critic)], policy_weights=policy_weights,
                             critic_weights=critic_weights, version=version)
-        self._submit(rollouts, rollouts.ids, self.system.workers)
+        self._submit(rollouts, rollouts.ids, self._usable_workers() or self._wait_for_a_worker(self.system.workers))
         return rollouts
+
+    def _usable_workers(self) -> list[Handle]:
+        """The rollout workers to ask: all but those seen dead and not back yet. A dead worker's
+        probe (an answer it gives once Ray has restarted it) is checked without waiting; a worker
+        Ray will not restart keeps failing its probe and is never asked again."""
+        for worker in self.system.workers:
+            probe = self._dead.get(worker.name, None)
+            if worker.name in self._dead and worker.done(probe):
+                try:
+                    worker.resolve(probe)
+                    del self._dead[worker.name]
+                except ComponentLost:
+                    self._dead[worker.name] = worker.probe()
+        return [w for w in self.system.workers if w.name not in self._dead]
 
     def _may_roll_ahead(self, iteration: int) -> bool:
         """Whether iteration ``iteration``'s rollouts may be asked for during this step.
@@ -289,7 +305,8 @@ class Trainer:
 
     def _recover(self, rollouts: Rollouts, policy: Pending) -> None:
         """After a failed critic call: name a dead learner or critic, else find the rollout calls
-        whose worker died and hand their block ids to the workers that delivered (then the rest).
+        whose worker died and hand their block ids to the workers that delivered (then the other
+        live ones; a dead worker is asked again only once it answers).
 
         The learner's call of this attempt failed with the critic's (its input) and never ran;
         the buffer forgets this attempt's blocks, which are added again with the retry. Block ids
@@ -313,33 +330,43 @@ class Trainer:
         for call in rollouts.calls:
             try:
                 call.worker.resolve(call.out[-1])
-                delivered.append(call)
             except ComponentLost as err:
                 failed.extend(call.ids)
                 lost.append(call.worker)
+                if call.worker.name not in self._dead:
+                    self._dead[call.worker.name] = call.worker.probe()
                 if call.seq > self._deaths_seen.get(call.worker.name, 0):  # made before this death was seen
                     self.counters["worker_failures"] += 1
                     self.events.append({"iteration": self.iteration, "event": "worker_lost", "detail": str(err)})
                     self._deaths_seen[call.worker.name] = self._calls_made[call.worker.name]
+                continue
+            try:  # the summary lives with the driver, the blocks on the worker's node: a lost node takes them
+                call.worker.resolve(list(call.out[:-1]))
+                delivered.append(call)
+            except ComponentLost as err:
+                failed.extend(call.ids)
+                self.events.append({"iteration": self.iteration, "event": "blocks_lost", "detail": str(err)})
         if not failed:
             raise RolloutError("the critic update failed but every rollout call succeeded")
         # A worker that delivered one call and then died is lost: its delivered blocks are kept.
         healthy = [w for w in dict.fromkeys(call.worker for call in delivered) if w not in lost]
-        if not healthy:
-            healthy = self._wait_for_a_worker(list(dict.fromkeys(lost)))
+        workers = healthy + [w for w in self._usable_workers() if w not in healthy and w not in lost]
+        if not workers:
+            workers = self._wait_for_a_worker(list(dict.fromkeys(lost)))
         rollouts.calls = delivered
-        self._submit(rollouts, failed, healthy + [w for w in self.system.workers if w not in healthy])
+        self._submit(rollouts, failed, workers)
 
     def _wait_for_a_worker(self, workers: list[Handle]) -> list[Handle]:
-        """Every worker was lost: wait (bounded) until Ray has restarted one of them."""
+        """No worker is usable: wait (bounded) until Ray has restarted one of them."""
         deadline = time.monotonic() + WORKER_RESTART_WAIT_S
         while time.monotonic() < deadline:
             for worker in workers:
                 try:
                     worker.ping()
-                    return [worker]
                 except ComponentLost:
                     continue
+                self._dead.pop(worker.name, None)
+                return [worker]
             time.sleep(1.0)
         raise RolloutError(f"no rollout worker came back within {WORKER_RESTART_WAIT_S:.0f} s")
 
@@ -509,10 +536,19 @@ class Trainer:
         self._critic_weights = s.critic.call("get_weights")
         self._policy_weights = None
         self._ahead = {}
+        self._saved = (self.iteration, len(self.evaluations), len(self.events))  # what it was restored from
         self.log.truncate_after(self.iteration)
 
-    def checkpoint(self) -> Path:
-        return save_checkpoint(self.run_dir, self.iteration, self.state(), self.cfg.trainer.keep_checkpoints)
+    def checkpoint(self) -> Path | None:
+        """Save the state as the current iteration's checkpoint; None when that checkpoint exists
+        and nothing it records has changed since (a stop right after a scheduled checkpoint)."""
+        self.collect_evaluations()
+        mark = (self.iteration, len(self.evaluations), len(self.events))
+        if mark == self._saved:
+            return None
+        path = save_checkpoint(self.run_dir, self.iteration, self.state(), self.cfg.trainer.keep_checkpoints)
+        self._saved = mark
+        return path
 
     def log_iteration(self, metrics: dict[str, float]) -> None:
         """One metrics line: the iteration, ``step()``'s metrics and the counters."""

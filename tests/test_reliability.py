@@ -164,17 +164,24 @@ LOST = object()  # a future whose component died
 class StubHandle:
     """Records calls; resolving ``LOST`` raises ComponentLost, anything else is its own value."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, dead: bool = False):
         self.name = name
+        self.dead = dead  # every call's futures are LOST (an actor Ray will not restart)
         self.calls: list[tuple[str, tuple]] = []
 
     def call(self, method, *args, num_returns=1):
         self.calls.append((method, args))
-        out = [f"{self.name}.{method}.{len(self.calls)}.{k}" for k in range(num_returns)]
+        out = [LOST if self.dead else f"{self.name}.{method}.{len(self.calls)}.{k}" for k in range(num_returns)]
         return out if num_returns > 1 else out[0]
 
+    def probe(self):
+        return LOST if self.dead else "answered"
+
+    def done(self, future):
+        return True
+
     def resolve(self, futures):
-        if futures is LOST:
+        if futures is LOST or (isinstance(futures, list) and any(f is LOST for f in futures)):
             raise ComponentLost(self.name, "the actor died")
         return futures
 
@@ -215,6 +222,48 @@ def test_recovery_keeps_what_a_dying_worker_delivered_and_counts_its_death_once(
     assert [c.ids for c in it1.calls] == [["it1/b1"], ["it1/b0"]] and it1.calls[1].worker is w1
     assert trainer.counters["worker_failures"] == 1
     assert [e["event"] for e in trainer.events] == ["worker_lost"]
+
+
+def test_a_worker_that_stays_dead_is_not_asked_again_and_its_death_counts_once(tmp_path):
+    """Worker 1 dies for good (Ray's restarts used up): its share of iteration 0 goes to worker 0
+    in one retry, later iterations ask worker 0 alone, and the death counts once. When a probe
+    answers again (Ray restarted it), the worker gets its share back."""
+    w0, buffer, learner, critic = (StubHandle(n) for n in ("worker-0", "buffer", "learner", "critic"))
+    w1 = StubHandle("worker-1", dead=True)
+    cfg = load(SMOKE, ["ray.backend=local", "algo.n_critic=16"])
+    trainer = Trainer(cfg, System([w0, w1], buffer, learner, critic, "stub"), tmp_path, progress=False)
+    failed_policy = Pending(learner, LOST, None)
+
+    it0 = trainer.collect_rollouts("theta0", "critic0", 0, version=0)
+    assert [c.worker.name for c in it0.calls] == ["worker-0", "worker-1"]
+    trainer._recover(it0, failed_policy)
+    assert [(c.worker.name, len(c.ids)) for c in it0.calls] == [("worker-0", 8), ("worker-0", 8)]
+    assert sorted(i for c in it0.calls for i in c.ids) == sorted(it0.ids)
+
+    for iteration in (1, 2):
+        later = trainer.collect_rollouts("theta", "critic", iteration, version=iteration)
+        assert [(c.worker.name, len(c.ids)) for c in later.calls] == [("worker-0", 16)]
+    assert trainer.counters["worker_failures"] == 1 and len(w1.calls) == 1
+
+    w1.dead = False  # restarted: the probe asked during the next iteration answers
+    assert len(trainer.collect_rollouts("theta", "critic", 3, version=3).calls) == 1
+    back = trainer.collect_rollouts("theta", "critic", 4, version=4)
+    assert [(c.worker.name, len(c.ids)) for c in back.calls] == [("worker-0", 8), ("worker-1", 8)]
+
+
+def test_blocks_lost_with_their_node_are_collected_again_though_their_summary_came(tmp_path):
+    """A lost node takes the blocks in its object store; the summaries live with the driver."""
+    w0, w1, buffer, learner, critic = (StubHandle(n) for n in ("worker-0", "worker-1", "buffer", "learner", "critic"))
+    cfg = load(SMOKE, ["ray.backend=local"])
+    trainer = Trainer(cfg, System([w0, w1], buffer, learner, critic, "stub"), tmp_path, progress=False)
+    trainer._calls_made = {"worker-0": 1, "worker-1": 1}
+    it0 = Rollouts(["it0/b0", "it0/b1"], "theta0", "critic0", 0, [
+        RolloutCall(w0, ["it0/b0"], [LOST, {"ok": 1}], 1),
+        RolloutCall(w1, ["it0/b1"], ["block-b", {"ok": 1}], 1),
+    ])
+    trainer._recover(it0, Pending(learner, LOST, None))
+    assert [(c.worker.name, c.ids) for c in it0.calls] == [("worker-1", ["it0/b1"]), ("worker-1", ["it0/b0"])]
+    assert [e["event"] for e in trainer.events] == ["blocks_lost"]
 
 
 def test_lost_learner_stops_the_run_with_a_clear_error_and_the_checkpoint_intact(local_ray, tmp_path):

@@ -75,6 +75,13 @@ class RayHandle:
     def ping(self) -> None:
         self.node_id()
 
+    def probe(self) -> Any:
+        return self.actor.node_id.remote()
+
+    def done(self, future: Any) -> bool:
+        ready, _ = ray.wait([future], timeout=0)
+        return bool(ready)
+
     def placement(self) -> dict[str, Any]:
         return self.resolve(self.actor.placement.remote())
 
