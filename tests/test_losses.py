@@ -110,6 +110,26 @@ def test_ppo_clip_loss_at_ratio_one_is_the_policy_gradient_loss():
     assert metrics[losses.APPROX_KL] == 0.0 and metrics[losses.CLIP_FRACTION] == 0.0
 
 
+def test_ppo_clip_loss_with_mean_log_probs_clips_the_density_ratio_at_the_mean_reductions_scale():
+    """Log-probs averaged over D = 100 dims: a per-dim shift of 0.002 is a density ratio of
+    e^0.2 (clipped at 1.2), not e^0.002; at ratio 1 the gradient is the policy-gradient loss's."""
+    D = 100
+    log_prob = t64([0.002, -0.002, 0.0], requires_grad=True)
+    advantage = t64([1.0, -1.0, 2.0])
+    loss, metrics = losses.ppo_clip_loss(log_prob, t64([0.0, 0.0, 0.0]), advantage, clip_range=0.1, dims_averaged=D)
+    ratio = [math.exp(0.2), math.exp(-0.2), 1.0]
+    assert metrics[losses.RATIO_MAX] == pytest.approx(ratio[0]) and metrics[losses.CLIP_FRACTION] == pytest.approx(2 / 3)
+    # min(r A, clip(r) A) = [1.1, -0.9, 2.0], the loss divided by D
+    assert loss.item() == pytest.approx(-(1.1 - 0.9 + 2.0) / 3 / D)
+    loss.backward()
+    assert_close(log_prob.grad, t64([0.0, 0.0, -2.0 / 3]), rtol=1e-12, atol=1e-15)  # only row 2 unclipped
+    at_one = log_prob.detach().clone().requires_grad_(True)
+    losses.ppo_clip_loss(at_one, at_one.detach(), advantage, 0.1, dims_averaged=D)[0].backward()
+    pg = log_prob.detach().clone().requires_grad_(True)
+    losses.policy_gradient_loss(pg, advantage, torch.zeros(3, dtype=torch.float64))[0].backward()
+    assert_close(at_one.grad, pg.grad, rtol=1e-12, atol=0)
+
+
 # ---------------------------------------------------------------- pathwise (Eq. 14)
 
 

@@ -93,18 +93,24 @@ def ppo_clip_loss(
     behaviour_log_prob: torch.Tensor,
     advantage: torch.Tensor,
     clip_range: float,
+    dims_averaged: int = 1,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate on single transitions (DDPO-style), ``(B,)`` tensors in.
 
     ratio = pi(a|s) / pi_behaviour(a|s); loss = -mean[min(ratio A, clip(ratio, 1 +- eps) A)].
     ``approx_kl`` is the low-variance estimator mean[(ratio - 1) - log ratio].
+
+    ``dims_averaged``: D when the log-probs are averaged over D data dims (the ``mean``
+    reduction): the ratio (clip, metrics) is the density's, exp(D (log_prob - behaviour)), and
+    the loss is divided by D, so that its gradient at ratio 1 is the mean reduction's
+    policy-gradient step (``policy_gradient_loss``), the learning rate's scale unchanged.
     """
     advantage = advantage.detach()
-    log_ratio = log_prob - behaviour_log_prob.detach()
+    log_ratio = (log_prob - behaviour_log_prob.detach()) * dims_averaged
     ratio = log_ratio.exp()
     unclipped = ratio * advantage
     clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range) * advantage
-    loss = -torch.minimum(unclipped, clipped).mean()
+    loss = -torch.minimum(unclipped, clipped).mean() / dims_averaged
     with torch.no_grad():
         approx_kl = ((ratio - 1.0) - log_ratio).mean().item()
         clip_fraction = ((ratio - 1.0).abs() > clip_range).float().mean().item()

@@ -6,7 +6,7 @@ import torch
 
 from sftrl.algos import losses
 from sftrl.algos.base import PolicyAlgorithm, PolicyContext, register
-from sftrl.algos.sft_pg import relabel, rescore
+from sftrl.algos.sft_pg import dims_averaged, relabel, rescore
 from sftrl.buffer import TransitionBatch
 from sftrl.optim import gradient_step
 
@@ -16,7 +16,8 @@ class PPO(PolicyAlgorithm):
     """``settings.ppo_epochs`` passes over every buffered transition in minibatches of ``batch_size``.
 
     Advantages are c(x_0) - V(x_n, n) under the just-published critic and baseline, fixed for the
-    phase; the ratio is taken against the log-prob recorded at rollout time.
+    phase; the ratio is taken against the log-prob recorded at rollout time, as a density ratio
+    under either log-prob reduction (``losses.ppo_clip_loss``).
     """
 
     data = "all"
@@ -26,6 +27,7 @@ class PPO(PolicyAlgorithm):
         reward, values = relabel(ctx, batch)
         advantage = reward - values  # (N,)
         params = list(ctx.policy.parameters())
+        dims = dims_averaged(ctx)
         out = []
         for _ in range(self.settings.ppo_epochs):
             order = torch.randperm(len(batch), generator=ctx.generator, device=ctx.device)
@@ -33,7 +35,8 @@ class PPO(PolicyAlgorithm):
                 index = order[start : start + ctx.batch_size]
                 mb = batch.select(index)
                 log_prob = rescore(ctx, mb)
-                loss, metrics = losses.ppo_clip_loss(log_prob, mb.log_prob, advantage[index], self.settings.ppo_clip)
+                loss, metrics = losses.ppo_clip_loss(log_prob, mb.log_prob, advantage[index], self.settings.ppo_clip,
+                                                     dims)
                 metrics |= gradient_step(loss, [ctx.optimizer], params, ctx.max_grad_norm)
                 out.append(metrics)
         return out

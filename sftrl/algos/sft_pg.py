@@ -32,8 +32,15 @@ def rescore(ctx: PolicyContext, batch: TransitionBatch) -> torch.Tensor:
     ).log_prob
 
 
-def ratio_metrics(log_prob: torch.Tensor, behaviour_log_prob: torch.Tensor) -> dict[str, float]:
-    ratio = (log_prob.detach() - behaviour_log_prob).exp()
+def dims_averaged(ctx: PolicyContext) -> int:
+    """D when log-probs are averaged over the D data dims (``mean`` reduction), else 1: the
+    density ratio pi / mu is exp(D (log_prob - behaviour_log_prob))."""
+    return math.prod(ctx.data_shape) if ctx.reduction == "mean" else 1
+
+
+def ratio_metrics(log_prob: torch.Tensor, behaviour_log_prob: torch.Tensor, dims: int = 1) -> dict[str, float]:
+    """Min, mean and max of the density ratio pi / pi_behaviour (``dims``: see ``dims_averaged``)."""
+    ratio = ((log_prob.detach() - behaviour_log_prob) * dims).exp()
     return {losses.RATIO_MIN: ratio.min().item(), losses.RATIO_MEAN: ratio.mean().item(), losses.RATIO_MAX: ratio.max().item()}
 
 
@@ -50,8 +57,7 @@ def stale_importance_weights(
     with torch.no_grad():  # in batches of the policy step's size (image batches are large)
         log_prob = torch.cat([rescore(ctx, batch.select(slice(k, k + ctx.batch_size)))
                               for k in range(0, len(batch), ctx.batch_size)])
-        dims = math.prod(ctx.data_shape) if ctx.reduction == "mean" else 1
-        weight, truncated = losses.truncated_importance_weight(log_prob, batch.log_prob, max_weight, dims)
+        weight, truncated = losses.truncated_importance_weight(log_prob, batch.log_prob, max_weight, dims_averaged(ctx))
     return torch.where(stale, weight, torch.ones_like(weight)), truncated & stale
 
 
@@ -81,7 +87,7 @@ class SFTPG(PolicyAlgorithm):
             if weights is not None:
                 metrics[losses.IMPORTANCE_WEIGHT_MEAN] = weight.mean().item()
                 metrics[losses.IMPORTANCE_WEIGHT_TRUNCATED] = weights[1][rows].float().mean().item()
-            metrics |= ratio_metrics(log_prob, mb.log_prob)
+            metrics |= ratio_metrics(log_prob, mb.log_prob, dims_averaged(ctx))
             metrics |= gradient_step(loss, [ctx.optimizer], params, ctx.max_grad_norm)
             out.append(metrics)
         return out
