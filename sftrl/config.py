@@ -111,7 +111,7 @@ class AlgoConfig:
     ema_decay: float = doc_field(
         0.0, "Decay of the moving average of the sampler weights that evaluation and `sftrl sample` use (0: none, use the last weights)."
     )
-    ppo_clip: float = doc_field(0.2, "ppo: clip range of the importance ratio.")
+    ppo_clip: float = doc_field(0.2, "ppo: clip range of the importance (density) ratio pi / pi_behaviour.")
     ppo_epochs: int = doc_field(2, "ppo: passes over the buffer per iteration.")
     max_importance_weight: float = doc_field(
         1.0,
@@ -207,6 +207,17 @@ class Config:
             need(getattr(a, key) > 0, f"algo.{key}", getattr(a, key), "must be > 0")
         for key in ("lam", "gp_eta"):
             need(getattr(a, key) >= 0, f"algo.{key}", getattr(a, key), "must be >= 0")
+        need(a.critic_regulariser != "B" or a.lam > 0, "algo.lam", a.lam,
+             "critic_regulariser 'B' trains the baseline through R_B alone (Eq. 23): lam must be > 0")
+        if ALGORITHMS[a.name].data != "none" and d.final_step_std == 0:
+            from sftrl.diffusion.schedules import make_schedule
+
+            sigma = make_schedule(d.schedule, d.steps, num_train_steps=d.num_train_steps, beta_schedule=d.beta_schedule,
+                                  kappa=d.kappa, variance=d.variance).sigma
+            kappa = f" with kappa = {d.kappa:g}" if d.schedule.startswith("fastdpm") else ""
+            need(any(float(s) > 0 for s in sigma), "diffusion.schedule", d.schedule,
+                 f"it has sigma = 0 at every step{kappa}, so {a.name!r} has no stochastic transition to learn "
+                 "from: set diffusion.final_step_std > 0 (the paper's image code: 0.001) or use a stochastic schedule")
         need(0 <= a.ema_decay < 1, "algo.ema_decay", a.ema_decay, "must be in [0, 1) (0: no average)")
         need(a.max_grad_norm is None or a.max_grad_norm > 0, "algo.max_grad_norm", a.max_grad_norm, "must be > 0 or null")
         need(t.iterations >= 0, "trainer.iterations", t.iterations, "must be >= 0")

@@ -126,7 +126,8 @@ def unet_architecture(cfg: Config) -> dict:
 
 def model_signature(cfg: Config) -> dict:
     """What a sampler checkpoint must agree on with ``cfg`` to be loaded into its network."""
-    signature = {"sampler": cfg.model.sampler, "num_train_steps": cfg.diffusion.num_train_steps}
+    signature = {"sampler": cfg.model.sampler, "num_train_steps": cfg.diffusion.num_train_steps,
+                 "beta_schedule": cfg.diffusion.beta_schedule}  # the noise levels its eps-prediction learned
     if cfg.model.sampler == "unet":
         signature["unet"] = unet_architecture(cfg)
     else:

@@ -303,3 +303,16 @@ def test_initial_checkpoint_formats_are_told_apart(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SamplerCheckpointError, match="not a readable PyTorch file"):
         load_initial_checkpoint(tmp_path / "junk.pt", build_unet(cfg, (3, 32, 32)), cfg)
+
+
+def test_a_sampler_checkpoint_trained_on_other_betas_is_refused(tmp_path):
+    from sftrl.models import build_networks
+    from sftrl.pretraining import SamplerCheckpointError, load_sampler_checkpoint, sampler_checkpoint, save_atomic
+
+    sigmoid = load(REPO / "configs" / "smoke.yaml")
+    path = tmp_path / "sampler.pt"
+    save_atomic(sampler_checkpoint(build_networks(sigmoid, (2,))[0], sigmoid, {"epoch_loss": [0.1]}), path)
+    load_sampler_checkpoint(path, build_networks(sigmoid, (2,))[0], sigmoid)
+    linear = load(REPO / "configs" / "smoke.yaml", ["diffusion.beta_schedule=linear"])
+    with pytest.raises(SamplerCheckpointError, match="beta_schedule: checkpoint 'sigmoid' vs config 'linear'"):
+        load_sampler_checkpoint(path, build_networks(linear, (2,))[0], linear)

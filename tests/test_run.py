@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
+from sftrl.config import load
+from sftrl.configtools import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +97,7 @@ def test_sample_command_writes_npz(smoke_run, tmp_path):
         ("ray.num_cpus=-2", "'ray.num_cpus' = -2 is invalid"),
         ("rollout.max_lag=-1", "'rollout.max_lag' = -1 is invalid: must be >= 0 (0: sync mode)"),
         ("algo.max_importance_weight=0", "'algo.max_importance_weight' = 0.0 is invalid"),
+        ("diffusion.schedule=ddim", "'diffusion.schedule' = 'ddim' is invalid: it has sigma = 0 at every step"),
     ],
 )
 def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path, override, needle):
@@ -223,3 +227,28 @@ def test_initial_sampler_weights_depend_only_on_the_pretrain_seed():
     c = fresh_sampler(load(REPO / "configs" / "smoke.yaml", ["pretrain.seed=1"]), (2,)).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["algo.lam=0"], "'algo.lam' = 0.0 is invalid: critic_regulariser 'B' trains the baseline through R_B alone"),
+        (["diffusion.schedule=fastdpm-var-linear", "diffusion.beta_schedule=linear", "diffusion.num_train_steps=100",
+          "diffusion.kappa=0", "algo.name=ppo"], "it has sigma = 0 at every step with kappa = 0, so 'ppo'"),
+    ],
+)
+def test_configs_that_could_not_learn_are_refused(overrides, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load(REPO / "configs" / "smoke.yaml", overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["algo.lam=0", "algo.critic_regulariser=GP"],  # GP trains the baseline by regression
+        ["diffusion.schedule=ddim", "diffusion.final_step_std=0.001"],  # the paper's image recipe
+        ["diffusion.schedule=ddim", "algo.name=sft", "algo.critic_regulariser=GP"],  # pathwise: no transitions
+    ],
+)
+def test_the_same_settings_are_fine_where_they_can_learn(overrides):
+    load(REPO / "configs" / "smoke.yaml", overrides)
