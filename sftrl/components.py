@@ -82,7 +82,7 @@ def make_rollout_worker(cfg: Config, init: InitState, index: int) -> RolloutWork
         final_step_std=cfg.diffusion.final_step_std,
         reduction=cfg.diffusion.log_prob_reduction,
         device=resolve_device(cfg),
-        seed=cfg.seed * 7919 + 101 + index,
+        seed=cfg.seed * 7919 + 101,  # the same for every worker: a block's noise follows its id
         worker_id=f"worker-{index}",
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import numpy as np
@@ -15,11 +16,23 @@ from sftrl.weights import NumpyState, load_numpy_state
 from sftrl_envs.denoising import DenoisingChainVectorEnv
 
 
+def block_seed(seed: int, block_id: str) -> int:
+    """The seed of one block's noise: a function of the run's rollout seed and the block id alone."""
+    digest = hashlib.sha256(f"{seed}:{block_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 class RolloutWorker:
     """Holds a copy of the sampler (and of the critic, for the env's terminal reward).
 
     ``rollout(num_blocks, chains_per_block)`` runs ``num_blocks * chains_per_block`` chains in one
     vectorised env on the worker's device and splits them into blocks of the current version.
+
+    A block's noise (its x_S and every step's z) comes from its own generator, seeded by
+    ``block_seed(seed, block_id)``: a block is the same whichever worker collects it, with which
+    other blocks, and after a worker restart. So the number of workers, a lost worker's blocks
+    collected again elsewhere, and a resume change no number of a run, and workers keep no
+    random state to checkpoint.
     """
 
     def __init__(
@@ -43,7 +56,7 @@ class RolloutWorker:
         self.final_step_std = final_step_std
         self.reduction = reduction
         self.worker_id = worker_id
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed
         self.policy_version = -1
         self.critic_version = -1
         self._block_counter = itertools.count()
@@ -87,12 +100,6 @@ class RolloutWorker:
         }
         return (*blocks, summary)
 
-    def get_state(self) -> dict:
-        return {"generator": self.generator.get_state(), "worker_id": self.worker_id}
-
-    def set_state(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-
     @torch.no_grad()
     def rollout(
         self, num_blocks: int, chains_per_block: int, block_ids: list[str] | None = None
@@ -103,6 +110,17 @@ class RolloutWorker:
         if self.policy_version < 0:
             raise RuntimeError(f"{self.worker_id}: no policy weights set before rollout")
         num_chains = num_blocks * chains_per_block
+        if block_ids is None:
+            block_ids = [f"{self.worker_id}/{next(self._block_counter)}" for _ in range(num_blocks)]
+        generators = [torch.Generator(device=self.device).manual_seed(block_seed(self.seed, i)) for i in block_ids]
+        shape = (num_chains, *self.data_shape)
+
+        def draw() -> torch.Tensor:  # (num_chains, *D): each block's rows from its own generator
+            z = torch.empty(shape, device=self.device)
+            for b, generator in enumerate(generators):
+                z[b * chains_per_block : (b + 1) * chains_per_block].normal_(generator=generator)
+            return z
+
         env = DenoisingChainVectorEnv(
             num_envs=num_chains,
             num_steps=self.tables.num_steps,
@@ -110,8 +128,7 @@ class RolloutWorker:
             reward_fn=self._reward,
             device=self.device,
         )
-        x_start = torch.randn((num_chains, *self.data_shape), generator=self.generator, device=self.device)
-        obs, _ = env.reset(options={"x": x_start})
+        obs, _ = env.reset(options={"x": draw()})
         xs, log_probs, stds = [obs["x"]], [], []
         terminated = torch.zeros(num_chains, dtype=torch.bool)
         while not bool(terminated.all()):
@@ -120,7 +137,7 @@ class RolloutWorker:
                 self.tables,
                 obs["x"],
                 obs["n"],
-                generator=self.generator,
+                noise=draw(),
                 final_step_std=self.final_step_std,
                 reduction=self.reduction,
             )
@@ -144,7 +161,7 @@ class RolloutWorker:
                     stds=stds_np,
                     rewards=rewards_np[chains],
                     version=self.policy_version,
-                    block_id=block_ids[b] if block_ids else f"{self.worker_id}/{next(self._block_counter)}",
+                    block_id=block_ids[b],
                 )
             )
         return blocks

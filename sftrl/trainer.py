@@ -272,9 +272,10 @@ class Trainer:
         Sync mode (``rollout.max_lag = 0``) asks for the next iteration's with theta's next version
         as a future, so Ray starts them the moment the learner publishes it, while the driver logs
         this iteration (Algorithm 1 unchanged: the same weights, asked for earlier). Async mode
-        asks ``max_lag`` iterations further ahead. Never across a checkpoint, which records the
-        workers' random streams (a resumed run repeats an uninterrupted one bit for bit), nor
-        past the last iteration or after a stop request.
+        asks ``max_lag`` iterations further ahead. Never across a checkpoint, which keeps only the
+        current theta: the pipeline restarts from it, so a resumed async run repeats an
+        uninterrupted one bit for bit (sync mode keeps the same rule: one iteration without
+        overlap per checkpoint). Nor past the last iteration or after a stop request.
         """
         t = self.cfg.trainer
         every = t.checkpoint_every
@@ -500,21 +501,21 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         """Everything needed to resume (loaded with weights_only=True). Evaluations still running
-        are not in it (the curve of a run resumed after a crash may miss them). Rollouts asked for
-        ahead (never before a scheduled checkpoint) may be in flight: the workers' random streams
-        then include them, and the resumed run draws new ones (sound, but not bit for bit)."""
+        are not in it (the curve of a run resumed after a crash may miss them). Workers keep no
+        random state (a block's noise follows its id). Rollouts asked for ahead before a stop
+        request may be in flight at a stop's checkpoint: in sync mode the resumed run collects
+        the same blocks again; in async mode they ran older weights, which the checkpoint does
+        not keep, so the resumed run's pipeline restarts (sound, but not bit for bit)."""
         self.collect_evaluations()
         s = self.system
         learner_state = s.learner.call("state_dict")
         critic_state = s.critic.call("state_dict")
-        worker_states = [w.call("get_state") for w in s.workers]
         buffer_state = s.buffer.call("state")
         return {
             "iteration": self.iteration,
             "config": to_dict(self.cfg),
             "learner": s.learner.resolve(learner_state),
             "critic": s.critic.resolve(critic_state),
-            "workers": [w.resolve(f) for w, f in zip(s.workers, worker_states)],
             "buffer": s.buffer.resolve(buffer_state),
             "counters": dict(self.counters),
             "evaluations": json.dumps(self.evaluations),
@@ -524,9 +525,7 @@ class Trainer:
     def restore(self, state: dict[str, Any]) -> None:
         s = self.system
         futures = [s.learner.call("load_state_dict", state["learner"]), s.critic.call("load_state_dict", state["critic"])]
-        for worker, worker_state in zip(s.workers, state["workers"]):
-            futures.append(worker.call("set_state", worker_state))
-        for handle, future in zip([s.learner, s.critic, *s.workers], futures):
+        for handle, future in zip([s.learner, s.critic], futures):
             handle.resolve(future)
         self.iteration = int(state["iteration"])
         self.counters.update(state["counters"])

@@ -307,7 +307,12 @@ def test_initial_checkpoint_formats_are_told_apart(tmp_path):
 
 def test_a_sampler_checkpoint_trained_on_other_betas_is_refused(tmp_path):
     from sftrl.models import build_networks
-    from sftrl.pretraining import SamplerCheckpointError, load_sampler_checkpoint, sampler_checkpoint, save_atomic
+    from sftrl.pretraining import (
+        SamplerCheckpointError,
+        load_sampler_checkpoint,
+        sampler_checkpoint,
+        save_atomic,
+    )
 
     sigmoid = load(REPO / "configs" / "smoke.yaml")
     path = tmp_path / "sampler.pt"

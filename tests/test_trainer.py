@@ -10,11 +10,10 @@ import pytest
 
 from conftest import REPO
 from sftrl.algos import ALGORITHMS
-from sftrl.components import InitState
+from sftrl.components import InitState, fresh_sampler
 from sftrl.config import load
 from sftrl.data import load_real_data
 from sftrl.distributed import build_ray_system
-from sftrl.models import build_networks
 from sftrl.trainer import Trainer, build_local_system
 from sftrl.weights import to_numpy_state
 
@@ -25,7 +24,7 @@ def local_trainer(run_dir, overrides: list[str], backend: str = "local") -> Trai
     """The smoke config in one process (or through Ray), a metrics line every iteration, no evaluation."""
     cfg = load(SMOKE, [f"ray.backend={backend}", "trainer.log_every=1", "trainer.eval_every=0", *overrides])
     data = load_real_data(cfg)
-    sampler, _, _ = build_networks(cfg, data.shape[1:])
+    sampler = fresh_sampler(cfg, tuple(data.shape[1:]))  # seeded: every trainer starts from the same theta
     init = InitState(to_numpy_state(sampler), tuple(data.shape[1:]))
     system = build_local_system(cfg, init, data) if backend == "local" else build_ray_system(cfg, init)
     return Trainer(cfg, system, run_dir, progress=False)
@@ -91,6 +90,25 @@ def test_async_mode_runs_rollouts_max_lag_versions_behind_and_restarts_at_checkp
     for x in lines:
         assert ("policy/importance_weight_mean" in x) == (x["rollout/weights_lag"] > 0)
         assert 0 < x.get("policy/importance_weight_mean", 1.0) <= 1.0
+
+
+def test_the_number_of_rollout_workers_changes_no_number_of_the_run(tmp_path):
+    """A block's noise follows its id: one worker collecting both blocks of an iteration, or two
+    workers one each, train the same sampler (bit for bit here: the toy MLP's rows do not depend
+    on the batch beside them on this CPU)."""
+    lines = {}
+    for workers in (1, 2):
+        run_dir = tmp_path / f"w{workers}"
+        run_dir.mkdir()
+        trainer = local_trainer(run_dir, ["trainer.iterations=4", "trainer.checkpoint_every=0",
+                                          f"rollout.num_workers={workers}"])
+        trainer.fit()
+        lines[workers] = [{k: v for k, v in x.items() if not k.startswith(("time/", "throughput/"))}
+                          for x in iteration_lines(run_dir)]
+    # the logged rollout reward is a mean of the workers' means: equal up to float32 rounding
+    rewards = {w: [x.pop("rollout/reward_mean") for x in lines[w]] for w in lines}
+    assert rewards[1] == pytest.approx(rewards[2], rel=1e-6)
+    assert len(lines[1]) == 4 and lines[1] == lines[2]
 
 
 def test_async_mode_through_ray_repeats_the_one_process_run_bit_for_bit(local_ray, tmp_path):

@@ -96,15 +96,17 @@ def denoise_step(
     *,
     x_prev: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
     final_step_std: float = 0.0,
     reduction: Reduction = "sum",
 ) -> StepOutput:
     """One step x_n -> x_{n-1} for a batch whose rows may sit at different n.
 
     ``x_n`` ``(B, *D)``; ``n`` ``(B,)`` long, values in 1..S. Without ``x_prev`` the step samples
-    x_{n-1} = mean + std z with z drawn from ``generator`` (reparameterised: gradients flow
-    through the mean when autograd is on, which pathwise SFT, Eq. 14, uses). With ``x_prev`` it
-    scores the given action instead. ``log_prob`` is log pi(x_prev | x_n) either way.
+    x_{n-1} = mean + std z with z the given ``noise`` ``(B, *D)`` or drawn from ``generator``
+    (reparameterised: gradients flow through the mean when autograd is on, which pathwise SFT,
+    Eq. 14, uses). With ``x_prev`` it scores the given action instead. ``log_prob`` is
+    log pi(x_prev | x_n) either way.
     """
     if x_n.shape[0] != n.shape[0]:
         raise ValueError(f"x_n has batch {x_n.shape[0]} but n has {n.shape[0]} entries")
@@ -113,7 +115,10 @@ def denoise_step(
     mean = tables.coef_x[n].view(shape) * x_n + tables.coef_eps[n].view(shape) * eps
     std = step_std(tables, n, final_step_std)  # (B,)
     if x_prev is None:
-        noise = torch.randn(x_n.shape, generator=generator, device=x_n.device, dtype=x_n.dtype)
+        if noise is None:
+            noise = torch.randn(x_n.shape, generator=generator, device=x_n.device, dtype=x_n.dtype)
+        elif noise.shape != x_n.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x_n.shape)}")
         x_prev = mean + std.view(shape) * noise
     elif x_prev.shape != x_n.shape:
         raise ValueError(f"x_prev has shape {tuple(x_prev.shape)}, expected {tuple(x_n.shape)}")
