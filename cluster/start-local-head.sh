@@ -4,9 +4,12 @@
 #   bash cluster/start-local-head.sh            # then: ray job submit --address http://127.0.0.1:8265 ...
 #   SFTRL_DASHBOARD_PORT=8266 bash cluster/start-local-head.sh --block   # extra args go to `ray start`
 #
-# Nothing listens beyond loopback. To reach the dashboard from another machine, forward the port
-# over SSH (`ssh -L 8265:127.0.0.1:8265 HOST`) rather than binding it to a public address: the
-# job server runs arbitrary code for whoever can reach it.
+# The dashboard and job server (8265) listen on loopback only. To reach them from another machine,
+# forward the port over SSH (`ssh -L 8265:127.0.0.1:8265 HOST`) rather than binding it to a public
+# address: the job server runs arbitrary code for whoever can reach it. Ray's other services do
+# not stay on loopback (`ray start` swaps 127.0.0.1 for the machine's address): the GCS (6379),
+# the Ray Client server (10001) and the dashboard agent listen there. On a machine an untrusted
+# network reaches, firewall them or run every ray command with RAY_AUTH_MODE=token.
 set -euo pipefail
 export RAY_USAGE_STATS_ENABLED=0
 # Ray turns token auth on once ~/.ray/auth_token exists; every ray command (start, job submit,

@@ -45,14 +45,13 @@ def resolve_config_path(path: str) -> Path:
     given = Path(path)
     if given.is_file():
         return given
-    package_root = Path(sftrl.__file__).resolve().parent
-    for base in (package_root / "configs", package_root.parent / "configs"):
-        candidate = base / given.name
-        if candidate.is_file():
-            return candidate
-    raise UsageError(
-        f"config file '{path}' not found (looked in the working directory and in {package_root.parent / 'configs'})"
-    )
+    if given.is_dir():
+        raise UsageError(f"config '{path}' is a directory: give a YAML file in it, e.g. {given / 'swissroll.yaml'}")
+    packaged = Path(sftrl.__file__).resolve().parent / "configs"  # in the source tree, a link to configs/
+    candidate = packaged / given.name
+    if candidate.is_file():
+        return candidate
+    raise UsageError(f"config file '{path}' not found (looked in the working directory and in {packaged})")
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")  # `key.sub=value`, not a path
@@ -123,7 +122,10 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:
     """Everything that can fail on user input, before anything is written."""
     if args.config is None:
         saved = Path(args.run_dir) / "config.yaml" if args.run_dir else None
-        if not (args.resume and saved is not None and saved.is_file()):
+        if args.resume and saved is not None and not saved.is_file():
+            raise UsageError(f"--run-dir '{args.run_dir}' holds no run (no config.yaml): give the directory of an "
+                             "existing run, or a config file to start one")
+        if not (args.resume and saved is not None):
             raise UsageError("give a config file (e.g. configs/swissroll.yaml), or continue a run with its own "
                              "config: --run-dir DIR --resume auto")
         config_path = saved
@@ -140,12 +142,28 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:
     if args.resume:
         path = latest_checkpoint(run_dir) if args.resume == "auto" else Path(args.resume)
         if path is None:
+            if (run_dir / "metrics.jsonl").exists():
+                raise UsageError(f"--resume auto: the run in '{run_dir}' stopped before its first checkpoint; start "
+                                 f"again in a new --run-dir (or delete '{run_dir}')")
             raise UsageError(f"--resume auto: no checkpoint in '{run_dir / 'checkpoints'}' (give --run-dir of the run)")
         resume_state = load_checkpoint(path)
         check_resumable(cfg, resume_state, path, args.overrides)
     elif (run_dir / "metrics.jsonl").exists():
+        if latest_checkpoint(run_dir) is None:
+            raise UsageError(f"run directory '{run_dir}' holds a run stopped before its first checkpoint: choose "
+                             f"another --run-dir (or delete '{run_dir}')")
         raise UsageError(f"run directory '{run_dir}' already holds a run: pass --resume auto to continue it")
+    warn_if_in_a_job_copy(run_dir)
     return cfg, run_dir, resume_state
+
+
+def warn_if_in_a_job_copy(run_dir: Path) -> None:
+    """``ray job submit --working-dir .`` runs the command in Ray's unpacked copy of that
+    directory, which goes with the Ray session: a relative run directory would go with it."""
+    cwd = Path.cwd()
+    if not run_dir.is_absolute() and "working_dir_files" in cwd.parts:  # .../runtime_resources/working_dir_files/_ray_pkg_*
+        print(f"warning: this job runs in Ray's copy of its --working-dir ({cwd}); the run directory '{run_dir}' "
+              "goes with the Ray session: pass --run-dir with an absolute path to keep it", file=sys.stderr)
 
 
 def build_initial_sampler(cfg: Config, data: np.ndarray, progress: bool, stop: threading.Event | None = None):
@@ -159,6 +177,23 @@ def build_initial_sampler(cfg: Config, data: np.ndarray, progress: bool, stop: t
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, 2 for a user mistake, 1 for a fatal fault, 128 + signal when stopped.
+
+    SIGTERM is held until Ray has started: Ray's start installs a handler that aborts the
+    process with a stack dump, and threads started meanwhile (Ray's, the pretraining's) keep it
+    blocked, so a SIGTERM reaches the main thread and ends the command like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    handler = signal.getsignal(signal.SIGTERM)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _main(argv: list[str] | None) -> int:
     from sftrl.components import resolve_device
 
     started = time.monotonic()
@@ -178,15 +213,23 @@ def main(argv: list[str] | None = None) -> int:
         launch.abandon()
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         launch.abandon()
         print("interrupted before fine-tuning: nothing was cached or written", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return 128 + getattr(err, "signum", signal.SIGINT)
     except BaseException:
         launch.abandon()
         raise
-    return train(cfg, run_dir, init, pretrain_info, data, resume_state, progress=not args.no_progress,
-                 started=started, launch=launch)
+    try:
+        return train(cfg, run_dir, init, pretrain_info, data, resume_state, progress=not args.no_progress,
+                     started=started, launch=launch)
+    except KeyboardInterrupt as err:  # a second signal (Ray's get may re-raise it bare): stop at once
+        signum = getattr(err, "signum", signal.SIGINT)
+        last = latest_checkpoint(run_dir)
+        then = (f"last checkpoint: {last} (resume with: python -m sftrl.run --run-dir {run_dir} --resume auto)"
+                if last else "no checkpoint was written: start again in a new run directory")
+        print(f"second {signal.Signals(signum).name}: stopped at once; {then}", file=sys.stderr)
+        return 128 + signum
 
 
 class Launch:
@@ -224,10 +267,12 @@ class Launch:
 
     def start_ray(self, data_shape: tuple[int, ...]) -> None:
         if self.cfg.ray.backend != "ray" or self.actors is not None:
+            interrupt_on_sigterm()
             return
         from sftrl.distributed import RaySystemLaunch, init_ray
 
         self.started_ray = init_ray(self.cfg)
+        interrupt_on_sigterm()  # after Ray's start, which installs a handler that aborts with a stack dump
         self.actors = RaySystemLaunch(self.cfg, data_shape, fixed_size=self.started_ray)
 
     def system(self, init, data):
@@ -253,6 +298,32 @@ class Launch:
             self.started_ray = False
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM outside fine-tuning (whose ``StopOnSignal`` checkpoints first)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def interrupt_on_sigterm() -> None:
+    """From now on SIGTERM (``ray job stop``, a scheduler) ends the command like Ctrl-C: through
+    ``finally`` blocks, so Ray and the actors are shut down (``main`` held it until here)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupted)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+class SecondSignal(KeyboardInterrupt):
+    def __init__(self, signum: int):
+        super().__init__(f"second {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 class StopOnSignal:
     """SIGINT/SIGTERM: the first asks the trainer to checkpoint after the current iteration and
     stop; a second exits at once (through ``finally`` blocks, so Ray is still shut down)."""
@@ -273,7 +344,7 @@ class StopOnSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping now")
+            raise SecondSignal(signum)
         self.signum = signum
         self.trainer.stop_requested = True
         print(

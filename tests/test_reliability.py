@@ -454,3 +454,93 @@ def _wait_until_alive(handle, timeout: float = 120.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
+
+
+def _start_run(run_dir: Path, overrides: list[str]):
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "sftrl.run", str(SMOKE), *overrides, "--run-dir", str(run_dir), "--no-progress"]
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+
+
+def _wait_for(proc, ready, seconds: float = 180) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not ready():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.3)
+    assert ready(), "the run did not get there in time"
+
+
+def test_sigterm_while_pretraining_ends_in_one_line_and_stops_ray(tmp_path):
+    """``ray job stop`` or a scheduler during Ray's start and pretraining: exit 143, no crash dump."""
+    import signal
+    import time
+
+    proc = _start_run(tmp_path / "run", ["pretrain.epochs=100000", f"pretrain.cache_dir={tmp_path / 'cache'}"])
+    _wait_for(proc, lambda: len(_descendants(proc.pid)) >= 4)  # Ray's daemons and the actors
+    time.sleep(2.0)
+    descendants = _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "interrupted before fine-tuning: nothing was cached or written" in stderr
+    assert "SIGTERM received" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_running(pid) for pid in descendants):
+        time.sleep(0.5)
+    assert not [pid for pid in descendants if _running(pid)]
+    assert not (tmp_path / "run").exists() and not any((tmp_path / "cache").glob("*.pt"))
+
+
+def test_a_second_sigint_stops_at_once_in_one_line(tmp_path, cache_dir):
+    import signal
+    import threading
+
+    run_dir = tmp_path / "run"
+    proc = _start_run(run_dir, ["trainer.iterations=100000", "trainer.log_every=1", "trainer.eval_every=0",
+                                f"pretrain.cache_dir={cache_dir}"])
+    metrics = run_dir / "metrics.jsonl"
+    _wait_for(proc, lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 3)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    proc.send_signal(signal.SIGINT)
+    _wait_for(proc, lambda: any("checkpointing after this iteration" in x for x in lines), 60)
+    proc.send_signal(signal.SIGINT)  # once the first is seen (two at once would count as one)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    stderr = "".join(lines)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("second SIGINT: stopped at once; "), stderr[-3000:]
+
+
+def test_a_run_directory_without_a_checkpoint_says_how_to_go_on(tmp_path, capsys):
+    """A run killed (or stopped twice) before its first checkpoint can only start again."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(SMOKE.read_text())
+    (run_dir / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    assert run_main(["--run-dir", str(run_dir), "--resume", "auto"]) == 2
+    assert "stopped before its first checkpoint; start again in a new --run-dir" in capsys.readouterr().err
+    assert run_main([str(SMOKE), "--run-dir", str(run_dir)]) == 2
+    assert "holds a run stopped before its first checkpoint: choose another --run-dir" in capsys.readouterr().err
+    assert run_main(["--run-dir", str(tmp_path / "none"), "--resume", "auto"]) == 2
+    assert "holds no run (no config.yaml)" in capsys.readouterr().err
+
+
+def test_a_relative_run_directory_inside_a_ray_job_copy_is_warned_about(tmp_path, monkeypatch, capsys):
+    from sftrl.run import warn_if_in_a_job_copy
+
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    warn_if_in_a_job_copy(Path("runs/x"))
+    assert "goes with the Ray session: pass --run-dir with an absolute path" in capsys.readouterr().err
+    warn_if_in_a_job_copy(tmp_path / "runs" / "x")
+    assert capsys.readouterr().err == ""

@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, run_cli
 from sftrl.config import load
 from sftrl.configtools import ConfigError
+from sftrl.run import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +171,32 @@ def test_config_resolves_from_the_installed_package_outside_the_checkout(tmp_pat
     cwd = os.getcwd()
     try:
         os.chdir(tmp_path)
-        assert resolve_config_path("configs/smoke.yaml") == REPO / "configs" / "smoke.yaml"
+        assert resolve_config_path("configs/smoke.yaml").read_text() == (REPO / "configs" / "smoke.yaml").read_text()
+        (tmp_path / "configs").mkdir()
+        with pytest.raises(UsageError, match="config 'configs' is a directory: give a YAML file in it"):
+            resolve_config_path("configs")
     finally:
         os.chdir(cwd)
+
+
+def test_a_built_wheel_ships_every_config(tmp_path):
+    """A non-editable install (pip install sftrl, a cluster image) finds configs/x.yaml too."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "source"  # a copy: the build writes build/ and *.egg-info beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    for name in ("sftrl", "envs", "configs"):
+        shutil.copytree(REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(source)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("sftrl-*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("sftrl/configs/")}
+    assert shipped == {f"sftrl/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")}
 
 
 def _png_size(path) -> tuple[int, int]:
