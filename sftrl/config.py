@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -189,6 +190,8 @@ class Config:
                 raise ConfigError(f"'{key}' = {value!r} is invalid: {valid}", key=key)
 
         d, a, t = self.diffusion, self.algo, self.trainer
+        need(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name)), "name", self.name,
+             "names the run directory runs/<name>-<timestamp>: letters, digits, '.', '_' and '-', no '/'")
         need(d.num_train_steps >= 1, "diffusion.num_train_steps", d.num_train_steps, "must be >= 1")
         need(1 <= d.steps <= d.num_train_steps, "diffusion.steps", d.steps,
              f"must be between 1 and diffusion.num_train_steps = {d.num_train_steps}")

@@ -164,6 +164,7 @@ def write_report(
         "critic_regulariser": cfg.algo.critic_regulariser,
         "backend": trainer.system.backend,
         "iterations": iterations,
+        "iterations_planned": cfg.trainer.iterations,  # more than "iterations" when stopped early
         "resumed_from_iteration": first_iteration,
         "wall_s": wall_s,
         "seconds_per_iteration": wall_s / ran if ran else None,
@@ -185,6 +186,9 @@ def write_report(
         f"backend `{trainer.system.backend}`, {cfg.rollout.num_workers} rollout worker(s), "
         + (f"async mode (rollouts up to {cfg.rollout.max_lag} weights version(s) behind)." if cfg.rollout.max_lag
            else "sync mode."),
+        *([] if iterations >= cfg.trainer.iterations else [
+            "", f"**Stopped early** at iteration {iterations} of {cfg.trainer.iterations}: continue with "
+            f"`python -m sftrl.run --run-dir {run_dir} --resume auto`."]),
         "",
         "## Evaluation",
         "",

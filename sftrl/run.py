@@ -109,6 +109,11 @@ def check_resumable(cfg: Config, state: dict, checkpoint: Path, overrides: list[
             f"--resume: trainer.iterations = {cfg.trainer.iterations} is below the checkpoint's iteration {done}; "
             f"give trainer.iterations >= {done} to continue the run"
         )
+    if cfg.trainer.iterations == done:
+        more = ("its learning-rate decay (algo.policy_lr_decay=linear) ends there, so it cannot be lengthened"
+                if cfg.algo.policy_lr_decay == "linear" else f"give trainer.iterations above {done} to continue it")
+        raise UsageError(f"--resume: the run already reached trainer.iterations = {done} (checkpoint "
+                         f"'{checkpoint}'); {more}")
 
 
 def check_not_under_a_file(path: Path, flag: str) -> None:

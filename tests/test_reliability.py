@@ -410,6 +410,7 @@ def test_sigint_checkpoints_stops_cleanly_and_resume_continues(tmp_path, cache_d
     state = load_checkpoint(latest_checkpoint(run_dir))
     stopped_at = state["iteration"]
     assert stopped_at >= 10
+    assert f"**Stopped early** at iteration {stopped_at} of 100000" in (run_dir / "report.md").read_text()
     lines = [json.loads(x)["iteration"] for x in metrics.read_text().splitlines() if "critic/ipm_gap" in x]
     assert lines == list(range(1, stopped_at + 1))
     # resume for 5 more iterations in-process (local backend): appended, never repeated

@@ -74,6 +74,19 @@ def test_sample_command_bad_arguments_exit_2_and_write_nothing(smoke_run, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_resuming_a_finished_run_says_it_is_finished_and_writes_nothing(smoke_run, capsys):
+    from sftrl.run import main as run_main
+
+    run_dir, _ = smoke_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    assert run_main(["--run-dir", str(run_dir), "--resume", "auto"]) == 2
+    assert "the run already reached trainer.iterations = 20" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["iterations"] == report["iterations_planned"] == 20
+    assert "Stopped early" not in (run_dir / "report.md").read_text()
+
+
 def test_sample_command_writes_npz(smoke_run, tmp_path):
     run_dir, _ = smoke_run
     out = tmp_path / "x.npz"
@@ -99,6 +112,7 @@ def test_sample_command_writes_npz(smoke_run, tmp_path):
         ("rollout.max_lag=-1", "'rollout.max_lag' = -1 is invalid: must be >= 0 (0: sync mode)"),
         ("algo.max_importance_weight=0", "'algo.max_importance_weight' = 0.0 is invalid"),
         ("diffusion.schedule=ddim", "'diffusion.schedule' = 'ddim' is invalid: it has sigma = 0 at every step"),
+        ("name=../elsewhere", "'name' = '../elsewhere' is invalid: names the run directory"),
     ],
 )
 def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path, override, needle):
