@@ -402,11 +402,11 @@ def train(
         first_iteration = trainer.iteration
         dump_yaml(cfg, run_dir / "config.yaml", header="resolved sftrl config")  # once the resume worked
         start = time.monotonic()
-        with StopOnSignal(trainer) as stop:
+        with StopOnSignal(trainer) as stop:  # through the pictures and report: a second signal stops them
             trainer.fit()
-        wall_s = time.monotonic() - start
-        pictures = make_pictures(run_dir, cfg, init, trainer, data, tensorboard)
-        write_report(run_dir, cfg, trainer, pretrain_info, wall_s, pictures, placement, first_iteration)
+            wall_s = time.monotonic() - start
+            pictures = make_pictures(run_dir, cfg, init, trainer, data, tensorboard)
+            write_report(run_dir, cfg, trainer, pretrain_info, wall_s, pictures, placement, first_iteration)
         if stop.signum is not None:
             print(f"stopped at iteration {trainer.iteration}; continue with: python -m sftrl.run --run-dir {run_dir} "
                   "--resume auto", file=sys.stderr)

@@ -459,12 +459,15 @@ def _wait_until_alive(handle, timeout: float = 120.0) -> None:
 
 def _start_run(run_dir: Path, overrides: list[str]):
     import os
+    import signal
     import subprocess
     import sys
 
     args = [sys.executable, "-m", "sftrl.run", str(SMOKE), *overrides, "--run-dir", str(run_dir), "--no-progress"]
+    # as from a terminal: a background job (CI) would hand the run an ignored SIGINT
     return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(proc, ready, seconds: float = 180) -> None:
