@@ -274,12 +274,25 @@ def load(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     try:
         return cfg.validate()
     except ConfigError as err:
-        given = [o for o in overrides if override_key(o) == err.key]
+        given = [o for o in overrides if override_key(o) == err.key] or _culprits(path, overrides, err.key)
         if given:  # the value came from the command line, not from the file
             raise err.with_context(f"override '{given[-1]}'") from None
         if path:
             raise err.with_context(f"config file '{path}'") from None
         raise
+
+
+def _culprits(path, overrides: Sequence[str], key: str | None) -> list[str]:
+    """The overrides without which a cross-field check on ``key`` passes (``algo.name=sft`` for
+    the file's ``algo.critic_regulariser: B``): the error is theirs, not the file's."""
+    def fails_without(dropped: str) -> bool:
+        try:
+            load_config(Config, path, [o for o in overrides if o != dropped]).validate()
+        except ConfigError as err:
+            return err.key == key
+        return False
+
+    return [o for o in overrides if not fails_without(o)]
 
 
 def pretrain_key(cfg: Config) -> str:

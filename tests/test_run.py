@@ -290,3 +290,23 @@ def test_configs_that_could_not_learn_are_refused(overrides, needle):
 )
 def test_the_same_settings_are_fine_where_they_can_learn(overrides):
     load(REPO / "configs" / "smoke.yaml", overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "blamed"),
+    [
+        (["algo.name=sft", "trainer.iterations=3"], "override 'algo.name=sft': 'algo.critic_regulariser' = 'B'"),
+        (["data.name=mnist"], "override 'data.name=mnist': 'model.sampler' = 'toy-mlp'"),
+        (["trainer.iterations=3", "algo.n_critic=0"], "override 'algo.n_critic=0': 'algo.n_critic' = 0"),
+    ],
+)
+def test_a_cross_field_error_is_blamed_on_the_override_that_caused_it(overrides, blamed):
+    with pytest.raises(ConfigError, match=re.escape(blamed)):
+        load(REPO / "configs" / "smoke.yaml", overrides)
+
+
+def test_a_cross_field_error_of_the_file_itself_is_blamed_on_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "configs" / "smoke.yaml").read_text().replace("name: sft-pg", "name: sft"))
+    with pytest.raises(ConfigError, match=re.escape(f"config file '{bad}': 'algo.critic_regulariser' = 'B'")):
+        load(bad, ["trainer.iterations=3"])
