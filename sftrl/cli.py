@@ -27,12 +27,12 @@ def _positive_int(text: str) -> int:
 def _check_out(out: str, flag: str = "--out") -> Path:
     """An output file path that can be written (checked before any work): not a directory, and
     no file where one of its parent directories would go."""
-    from sftrl.run import UsageError, check_not_under_a_file
+    from sftrl.run import UsageError, check_can_write
 
     path = Path(out)
     if path.is_dir():
         raise UsageError(f"{flag} '{out}' is a directory: give a file path")
-    check_not_under_a_file(path, flag)
+    check_can_write(path, flag)
     return path
 
 
@@ -65,10 +65,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     from sftrl.config import load
     from sftrl.data import load_real_data
     from sftrl.pretraining import load_or_pretrain, sampler_checkpoint, save_atomic
-    from sftrl.run import resolve_config_path
+    from sftrl.run import check_cache_dir, resolve_config_path
 
     cfg = load(resolve_config_path(args.config), args.overrides)
     out = _check_out(args.out) if args.out else None
+    check_cache_dir(cfg)
     torch.set_num_threads(cfg.torch_threads)
     data = load_real_data(cfg)
     sampler = fresh_sampler(cfg, tuple(data.shape[1:]))

