@@ -24,6 +24,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):  # NaN fails the comparison
+        raise argparse.ArgumentTypeError(f"{text} is invalid: must be a finite number >= 0")
+    return value
+
+
 def _check_out(out: str, flag: str = "--out") -> Path:
     """An output file path that can be written (checked before any work): not a directory, and
     no file where one of its parent directories would go."""
@@ -76,7 +86,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     info = load_or_pretrain(cfg, sampler, data, progress=not args.no_progress)
     if out is not None:
         save_atomic(sampler_checkpoint(sampler, cfg, {"seconds": info["seconds"]}), out)
-    print(json.dumps(info))
+    print(json.dumps({**info, **({"out": str(out)} if out is not None else {})}))
     return 0
 
 
@@ -178,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     samp = sub.add_parser("sample", help="draw samples from a run's fine-tuned sampler")
     samp.add_argument("run_dir", help="a run directory written by sftrl run")
     samp.add_argument("-n", type=_positive_int, default=10_000, help="number of samples (default 10000)")
-    samp.add_argument("--out", default="samples.npz", help="output .npz with array x of shape (N, *data_shape)")
+    samp.add_argument("--out", default="samples.npz",
+                      help="output .npz with array x of shape (N, *data_shape) (default ./samples.npz)")
     samp.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
     samp.add_argument("--seed", type=int, default=0, help="sampling seed")
     samp.add_argument("--batch-size", type=_positive_int, default=1000, help="chains sampled at once (default 1000)")
@@ -191,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("name", choices=SCHEDULE_NAMES, help="schedule name")
     sch.add_argument("--steps", type=_positive_int, required=True, help="S, number of sampling steps")
     sch.add_argument("--T", type=_positive_int, default=1000, help="T of the base DDPM (default 1000)")
-    sch.add_argument("--kappa", type=float, default=1.0, help="FastDPM noise scale (default 1.0)")
+    sch.add_argument("--kappa", type=_non_negative_float, default=1.0, help="FastDPM noise scale (default 1.0)")
     sch.add_argument("--beta-schedule", default="linear", choices=("linear", "sigmoid"), help="base betas (default linear)")
     sch.add_argument("--variance", default="beta", choices=("beta", "posterior"), help="ddpm/strided variance (default beta)")
     sch.add_argument("--json", action="store_true", help="print JSON: {name, steps: [{n, tau, gamma_bar, ...}]}")

@@ -326,6 +326,7 @@ def test_checkpoint_of_another_model_shape_is_refused(tmp_path, cache_dir):
     result = run_cli(["sftrl.cli", "pretrain", str(SMOKE), "model.hidden=32", "pretrain.epochs=1",
                       f"pretrain.cache_dir={cache_dir}", "--out", str(other), "--no-progress"], timeout=120)
     assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["out"] == str(other)  # where it was written, beside the cache's path
     run_dir = tmp_path / "run"
     result = run_cli(["sftrl.run", str(SMOKE), f"model.checkpoint={other}", "--run-dir", str(run_dir)], timeout=120)
     _one_line_exit_2(result, "hidden: checkpoint 32 vs config 64")

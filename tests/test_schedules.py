@@ -344,3 +344,8 @@ def test_schedule_command_prints_the_table_and_refuses_a_bad_T(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["schedule", "strided", "--steps", "10", "--T", "0"])
     assert exit_info.value.code == 2 and "argument --T: 0 is invalid: must be >= 1" in capsys.readouterr().err
+    for kappa in ("nan", "-1", "inf"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["schedule", "fastdpm-var-linear", "--steps", "5", "--kappa", kappa])
+        assert exit_info.value.code == 2
+        assert f"argument --kappa: {kappa} is invalid: must be a finite number >= 0" in capsys.readouterr().err
