@@ -34,15 +34,12 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _check_out(out: str, flag: str = "--out") -> Path:
-    """An output file path that can be written (checked before any work): not a directory, and
-    no file where one of its parent directories would go."""
-    from sftrl.run import UsageError, check_can_write
+def _check_out(out: str) -> Path:
+    """``--out``: a file that can be written (checked before any work)."""
+    from sftrl.run import check_can_write
 
     path = Path(out)
-    if path.is_dir():
-        raise UsageError(f"{flag} '{out}' is a directory: give a file path")
-    check_can_write(path, flag)
+    check_can_write(path, "--out", directory=False)
     return path
 
 

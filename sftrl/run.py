@@ -125,10 +125,15 @@ def check_not_under_a_file(path: Path, flag: str) -> None:
             raise UsageError(f"{flag} '{path}': '{parent}' is a file, not a directory")
 
 
-def check_can_write(path: Path, flag: str) -> None:
-    """``path`` (a directory to use or a file to write) can be made where it is asked for: said
-    before any work. The nearest existing directory is tried with a probe directory, removed at
-    once (permissions alone say nothing for root, nor for /proc or a read-only mount)."""
+def check_can_write(path: Path, flag: str, *, directory: bool) -> None:
+    """``path`` (a ``directory`` to use, else a file to write) is of that kind if it exists and can
+    be made where it is asked for: said before any work. The nearest existing directory is tried
+    with a probe directory, removed at once (permissions alone say nothing for root, nor for /proc
+    or a read-only mount)."""
+    if directory and path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} '{path}' is a file, not a directory")
+    if not directory and path.is_dir():
+        raise UsageError(f"{flag} '{path}' is a directory: give a file path")
     check_not_under_a_file(path, flag)
     place = next(p for p in [path, *path.parents] if p.is_dir())
     try:
@@ -142,10 +147,7 @@ def check_cache_dir(cfg: Config) -> None:
     from sftrl.pretraining import cache_path
 
     if not cfg.model.checkpoint and not cache_path(cfg).is_file():
-        cache = Path(cfg.pretrain.cache_dir).expanduser()
-        if cache.exists() and not cache.is_dir():
-            raise UsageError(f"pretrain.cache_dir '{cache}' is a file, not a directory")
-        check_can_write(cache, "pretrain.cache_dir")
+        check_can_write(Path(cfg.pretrain.cache_dir).expanduser(), "pretrain.cache_dir", directory=True)
 
 
 def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:
@@ -165,9 +167,7 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
         f"{cfg.name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     )
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--run-dir '{run_dir}': '{run_dir}' is a file, not a directory")
-    check_can_write(run_dir, "--run-dir")
+    check_can_write(run_dir, "--run-dir", directory=True)
     check_cache_dir(cfg)
     resume_state = None
     if args.resume:

@@ -257,13 +257,11 @@ class Trainer:
         probe (an answer it gives once Ray has restarted it) is checked without waiting; a worker
         Ray will not restart keeps failing its probe and is never asked again."""
         for worker in self.system.workers:
-            probe = self._dead.get(worker.name, None)
-            if worker.name in self._dead and worker.done(probe):
+            if worker.name in self._dead and worker.done(self._dead[worker.name]):
                 try:
-                    worker.resolve(probe)
-                    del self._dead[worker.name]
+                    worker.resolve(self._dead.pop(worker.name))
                 except ComponentLost:
-                    self._dead[worker.name] = worker.probe()
+                    self._dead[worker.name] = worker.probe()  # still gone: ask again
         return [w for w in self.system.workers if w.name not in self._dead]
 
     def _may_roll_ahead(self, iteration: int) -> bool:

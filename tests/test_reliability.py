@@ -381,33 +381,20 @@ def _descendants(root: int) -> list[int]:
 
 def test_sigint_checkpoints_stops_cleanly_and_resume_continues(tmp_path, cache_dir):
     """SIGINT on the driver: checkpoint, exit 130, Ray's processes gone; resume appends."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "sftrl.run", str(SMOKE), "trainer.iterations=100000", "trainer.log_every=1",
-            "trainer.eval_every=0", f"pretrain.cache_dir={cache_dir}", "--run-dir", str(run_dir), "--no-progress"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    proc = _start_run(run_dir, ["trainer.iterations=100000", "trainer.log_every=1", "trainer.eval_every=0",
+                                f"pretrain.cache_dir={cache_dir}"])
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 12):
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.5)
+    _wait_for(proc, lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 12)
     descendants = _descendants(proc.pid)
     assert descendants, "a Ray run starts helper processes"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
     assert "checkpointing after this iteration" in stderr
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(_running(pid) for pid in descendants):
-        time.sleep(0.5)
-    alive = [pid for pid in descendants if _running(pid)]
-    assert not alive, f"orphaned processes: {alive}"
+    _assert_all_exit(descendants)
     state = load_checkpoint(latest_checkpoint(run_dir))
     stopped_at = state["iteration"]
     assert stopped_at >= 10
@@ -481,6 +468,16 @@ def _wait_for(proc, ready, seconds: float = 180) -> None:
     assert ready(), "the run did not get there in time"
 
 
+def _assert_all_exit(pids: list[int], seconds: float = 30) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(_running(pid) for pid in pids):
+        time.sleep(0.5)
+    alive = [pid for pid in pids if _running(pid)]
+    assert not alive, f"orphaned processes: {alive}"
+
+
 def test_sigterm_while_pretraining_ends_in_one_line_and_stops_ray(tmp_path):
     """``ray job stop`` or a scheduler during Ray's start and pretraining: exit 143, no crash dump."""
     import signal
@@ -495,10 +492,7 @@ def test_sigterm_while_pretraining_ends_in_one_line_and_stops_ray(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "interrupted before fine-tuning: nothing was cached or written" in stderr
     assert "SIGTERM received" not in stderr and "Traceback" not in stderr, stderr[-3000:]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(_running(pid) for pid in descendants):
-        time.sleep(0.5)
-    assert not [pid for pid in descendants if _running(pid)]
+    _assert_all_exit(descendants)
     assert not (tmp_path / "run").exists() and not any((tmp_path / "cache").glob("*.pt"))
 
 
