@@ -5,6 +5,11 @@
     python benchmarks/table1.py --only overhead --overhead-repeats 20 --out benchmarks/results/ray-overhead.json
     python benchmarks/table1.py --only overhead --overhead-config configs/swissroll.yaml --out ...
     python benchmarks/table1.py --only overhead --overhead-async --out ...   # async mode beside it
+    python benchmarks/table1.py --only overhead --overhead-set device=cuda \
+        --overhead-set rollout.num_gpus_per_worker=0.125 --overhead-set ray.learner_num_gpus=0.125 \
+        --overhead-set ray.critic_num_gpus=0.125 --out ...   # on one GPU
+    (the Ray systems share one Ray session: with --overhead-async two of them hold their GPU
+    shares at once, so 0.25 each would ask for 1.5 GPUs and wait)
 
 Rows:
 - DDPM T = 10, 100, 1000: the pretrained toy DDPM sampled with all T steps;
@@ -119,17 +124,18 @@ ASYNC_VARIANT = ("ray_async", ["ray.backend=ray", "rollout.max_lag=1"])
 
 
 def ray_overhead(workdir: Path, cache_dir: str, repeats: int, config: Path = REPO / "configs" / "smoke.yaml",
-                 *, with_async: bool = False) -> dict:
+                 *, with_async: bool = False, extra_overrides: tuple[str, ...] = ()) -> dict:
     """Alternating blocks of ``config``'s iterations (the smoke config's by default) in one process
     and through Ray; ``with_async``: also through Ray in async mode (``rollout.max_lag=1``), the
     same work per iteration with rollouts one weights version behind (a different algorithm, so
-    reported beside the sync ratio, not as it)."""
+    reported beside the sync ratio, not as it). ``extra_overrides`` apply to every variant (for
+    example ``device=cuda`` and the actors' GPU shares)."""
     from sftrl.run import Launch
     from sftrl.tensorboard import TensorBoardLogger
     from sftrl.trainer import Trainer
 
     overrides = [f"pretrain.cache_dir={cache_dir}", "trainer.iterations=1000000", "trainer.log_every=1",
-                 "trainer.eval_every=0", "trainer.checkpoint_every=0"]
+                 "trainer.eval_every=0", "trainer.checkpoint_every=0", *extra_overrides]
     variants = {"local": ["ray.backend=local"], "ray": ["ray.backend=ray"], **dict([ASYNC_VARIANT] if with_async else [])}
     cfgs = {name: load(config, [*overrides, *extra]) for name, extra in variants.items()}
     torch.set_num_threads(cfgs["local"].torch_threads)
@@ -168,7 +174,7 @@ def ray_overhead(workdir: Path, cache_dir: str, repeats: int, config: Path = REP
             trainer.system.shutdown()
         for launch in reversed(launches.values()):  # the one that started Ray stops it, last
             launch.shutdown_ray()
-    result = {"config": str(config), "blocks": times,
+    result = {"config": str(config), "overrides": list(extra_overrides), "blocks": times,
               "protocol": f"{repeats} rounds of {OVERHEAD_BLOCK} iterations per variant in one process, "
                           f"after {OVERHEAD_WARMUP} warm-up iterations each"}
     for name in times:
@@ -208,12 +214,14 @@ def main() -> None:
                         help="the config whose iterations the overhead measures (the issue's figure: smoke)")
     parser.add_argument("--overhead-async", action="store_true",
                         help="also time Ray in async mode (rollout.max_lag=1) in the same rounds")
+    parser.add_argument("--overhead-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every overhead variant (repeatable), e.g. device=cuda")
     args = parser.parse_args()
     start = time.monotonic()
     if args.only == "overhead":
         with tempfile.TemporaryDirectory() as tmp:
             overhead = ray_overhead(Path(tmp), args.cache_dir, args.overhead_repeats, args.overhead_config,
-                                    with_async=args.overhead_async)
+                                    with_async=args.overhead_async, extra_overrides=tuple(args.overhead_set))
         overhead["benchmark_wall_s"] = time.monotonic() - start
         write_json(args.out, overhead)
         print(json.dumps(overhead, indent=2))
