@@ -11,21 +11,27 @@ PLAIN_INTERVAL_S = 10.0  # seconds between plain progress lines when stderr is n
 
 
 class Progress:
-    """``with Progress(total, "pretrain") as p: p.update(1, loss=0.3)``."""
+    """``with Progress(total, "pretrain") as p: p.update(1, loss=0.3)``.
 
-    def __init__(self, total: int, desc: str, *, enabled: bool = True, unit: str = "it", stream=None):
+    ``initial``: work already done before this process (a resumed run): counted in the total,
+    not in the rate or the time left."""
+
+    def __init__(self, total: int, desc: str, *, enabled: bool = True, unit: str = "it", stream=None,
+                 initial: int = 0):
         self.total = total
+        self.initial = initial
         self.desc = desc
         self.unit = unit
         self.stream = stream or sys.stderr
         self.enabled = enabled
-        self.count = 0
+        self.count = initial
         self.start = time.monotonic()
         self._last_line = self.start
         self._postfix: dict[str, object] = {}
         self._bar = None
         if enabled and hasattr(self.stream, "isatty") and self.stream.isatty():
-            self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True,
+                             initial=initial)
 
     def __enter__(self) -> Progress:
         return self
@@ -47,7 +53,7 @@ class Progress:
         now = time.monotonic()
         self._last_line = now
         elapsed = now - self.start
-        rate = self.count / elapsed if elapsed > 0 else 0.0
+        rate = (self.count - self.initial) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.count) / rate if rate > 0 else float("inf")
         extra = " ".join(f"{k}={_fmt(v)}" for k, v in self._postfix.items())
         print(
@@ -61,7 +67,7 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.enabled and self.count:
+        elif self.enabled and self.count > self.initial:
             self._plain_line()
         self.enabled = False
 

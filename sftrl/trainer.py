@@ -557,8 +557,7 @@ class Trainer:
         if self.iteration == 0 and not self.evaluations:
             self.evaluate()
         postfix: dict[str, float] = {}
-        with Progress(t.iterations, "fine-tune", enabled=self.progress) as bar:
-            bar.update(self.iteration)
+        with Progress(t.iterations, "fine-tune", enabled=self.progress, initial=self.iteration) as bar:
             while self.iteration < t.iterations:
                 metrics = self.step()
                 if self.iteration % t.log_every == 0 or self.iteration == t.iterations:
