@@ -209,7 +209,9 @@ def write_report(
         + (f" ({ran} in this command, resumed at {first_iteration})" if first_iteration else "")
         + f", wall time {wall_s:.1f} s"
         + (f" ({wall_s / ran * 1e3:.1f} ms per iteration)" if ran else ""),
-        f"- rollout chains: {chains}" + (f" ({chains_ran / wall_s:.0f} per second)" if ran and wall_s > 0 else ""),
+        f"- rollout chains: {chains}"
+        + (f" ({chains_ran / wall_s:.0f} per second{' in this command' if first_iteration else ''})"
+           if ran and wall_s > 0 else ""),
         *(["- commands: " + "; ".join(f"iterations {c['from_iteration']}-{c['to_iteration']} in {c['wall_s']:.1f} s"
                                        for c in commands)] if len(commands) > 1 else []),
         f"- initial sampler: {pretrain_info.get('source')} ({pretrain_info.get('path')}), "

@@ -7,6 +7,7 @@ test checks what was kept: counters, checkpoints, the run directory (or its abse
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,9 @@ def test_resume_refuses_another_experiment_and_continues_with_the_runs_own_confi
     report = json.loads((run_dir / "report.json").read_text())
     assert report["iterations"] == 6 and report["resumed_from_iteration"] == 4
     assert report["config"]["rollout"]["max_lag"] == 1 and report["config"]["trainer"]["checkpoint_every"] == 2
-    assert "- iterations: 6 (2 in this command, resumed at 4)" in (run_dir / "report.md").read_text()
+    report_md = (run_dir / "report.md").read_text()
+    assert "- iterations: 6 (2 in this command, resumed at 4)" in report_md
+    assert re.search(r"- rollout chains: \d+ \(\d+ per second in this command\)", report_md), report_md
     assert [(c["from_iteration"], c["to_iteration"]) for c in report["commands"]] == [(0, 4), (4, 6)]
 
 
