@@ -9,7 +9,7 @@
         --overhead-set rollout.num_gpus_per_worker=0.125 --overhead-set ray.learner_num_gpus=0.125 \
         --overhead-set ray.critic_num_gpus=0.125 --out ...   # on one GPU
     (the Ray systems share one Ray session: with --overhead-async two of them hold their GPU
-    shares at once, so 0.25 each would ask for 1.5 GPUs and wait)
+    shares at once, so 0.25 each would ask for 1.5 GPUs and wait forever; that is refused first)
 
 Rows:
 - DDPM T = 10, 100, 1000: the pretrained toy DDPM sampled with all T steps;
@@ -123,6 +123,19 @@ OVERHEAD_WARMUP, OVERHEAD_BLOCK, OVERHEAD_SKIP = 60, 40, 2
 ASYNC_VARIANT = ("ray_async", ["ray.backend=ray", "rollout.max_lag=1"])
 
 
+def check_gpu_shares(cfgs: dict) -> None:
+    """The Ray variants hold their actors at once in one Ray session: asking for more GPUs than
+    this machine has would wait forever, so stop first with the numbers to change."""
+    asks = {name: cfg.rollout.num_workers * cfg.rollout.num_gpus_per_worker + cfg.ray.learner_num_gpus
+            + cfg.ray.critic_num_gpus for name, cfg in cfgs.items() if name != "local"}
+    have = torch.cuda.device_count()
+    if sum(asks.values()) > have:
+        fix = ("give smaller shares, e.g. --overhead-set rollout.num_gpus_per_worker=0.125 --overhead-set "
+               "ray.learner_num_gpus=0.125 --overhead-set ray.critic_num_gpus=0.125") if have else "drop the GPU shares"
+        raise SystemExit(f"error: the Ray variants ({', '.join(f'{n}: {a:g}' for n, a in asks.items())}) ask for "
+                         f"{sum(asks.values()):g} GPUs together and this machine has {have}; {fix}")
+
+
 def ray_overhead(workdir: Path, cache_dir: str, repeats: int, config: Path = REPO / "configs" / "smoke.yaml",
                  *, with_async: bool = False, extra_overrides: tuple[str, ...] = ()) -> dict:
     """Alternating blocks of ``config``'s iterations (the smoke config's by default) in one process
@@ -138,6 +151,7 @@ def ray_overhead(workdir: Path, cache_dir: str, repeats: int, config: Path = REP
                  "trainer.eval_every=0", "trainer.checkpoint_every=0", *extra_overrides]
     variants = {"local": ["ray.backend=local"], "ray": ["ray.backend=ray"], **dict([ASYNC_VARIANT] if with_async else [])}
     cfgs = {name: load(config, [*overrides, *extra]) for name, extra in variants.items()}
+    check_gpu_shares(cfgs)
     torch.set_num_threads(cfgs["local"].torch_threads)
     data = load_real_data(cfgs["local"])
     launches, trainers, sinks = {}, {}, []
