@@ -330,10 +330,11 @@ class Launch:
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM outside fine-tuning (whose ``StopOnSignal`` checkpoints first)."""
+    """SIGINT or SIGTERM outside fine-tuning (whose ``StopOnSignal`` checkpoints first), or a
+    ``second`` one during it."""
 
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
+    def __init__(self, signum: int, *, second: bool = False):
+        super().__init__(("second " if second else "") + signal.Signals(signum).name)
         self.signum = signum
 
 
@@ -347,12 +348,6 @@ def interrupt_on_sigterm() -> None:
 
 def _raise_interrupted(signum, frame) -> None:
     raise Interrupted(signum)
-
-
-class SecondSignal(KeyboardInterrupt):
-    def __init__(self, signum: int):
-        super().__init__(f"second {signal.Signals(signum).name}")
-        self.signum = signum
 
 
 class StopOnSignal:
@@ -375,7 +370,7 @@ class StopOnSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            raise SecondSignal(signum)
+            raise Interrupted(signum, second=True)
         self.signum = signum
         self.trainer.stop_requested = True
         print(

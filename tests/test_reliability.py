@@ -387,10 +387,7 @@ def test_sigint_checkpoints_stops_cleanly_and_resume_continues(tmp_path, cache_d
     import signal
 
     run_dir = tmp_path / "run"
-    proc = _start_run(run_dir, ["trainer.iterations=100000", "trainer.log_every=1", "trainer.eval_every=0",
-                                f"pretrain.cache_dir={cache_dir}"])
-    metrics = run_dir / "metrics.jsonl"
-    _wait_for(proc, lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 12)
+    proc, metrics = _start_endless_run(run_dir, cache_dir, lines=12)
     descendants = _descendants(proc.pid)
     assert descendants, "a Ray run starts helper processes"
     proc.send_signal(signal.SIGINT)
@@ -461,6 +458,15 @@ def _start_run(run_dir: Path, overrides: list[str]):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def _start_endless_run(run_dir: Path, cache_dir, lines: int):
+    """A smoke run with no end in sight, a metrics line per iteration, once past ``lines`` lines."""
+    proc = _start_run(run_dir, ["trainer.iterations=100000", "trainer.log_every=1", "trainer.eval_every=0",
+                                f"pretrain.cache_dir={cache_dir}"])
+    metrics = run_dir / "metrics.jsonl"
+    _wait_for(proc, lambda: metrics.exists() and len(metrics.read_text().splitlines()) > lines)
+    return proc, metrics
+
+
 def _wait_for(proc, ready, seconds: float = 180) -> None:
     import time
 
@@ -504,10 +510,7 @@ def test_a_second_sigint_stops_at_once_in_one_line(tmp_path, cache_dir):
     import threading
 
     run_dir = tmp_path / "run"
-    proc = _start_run(run_dir, ["trainer.iterations=100000", "trainer.log_every=1", "trainer.eval_every=0",
-                                f"pretrain.cache_dir={cache_dir}"])
-    metrics = run_dir / "metrics.jsonl"
-    _wait_for(proc, lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 3)
+    proc, metrics = _start_endless_run(run_dir, cache_dir, lines=3)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
