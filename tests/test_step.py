@@ -161,6 +161,24 @@ def test_denoise_step_shape_errors():
 # ---------------------------------------------------------------- rollout and re-scoring (ACCEPTANCE)
 
 
+def test_a_rows_network_output_does_not_depend_on_the_batch_around_it():
+    """The worker scores a transition among its chains, the learner among buffer samples: the
+    same row must give the same bits in any batch (``sftrl`` sets MKL's strict CNR mode, without
+    which AVX-512 machines round rows of batches under 16 differently)."""
+    import os
+
+    import sftrl  # noqa: F401
+
+    assert os.environ.get("MKL_CBWR")
+    torch.manual_seed(0)
+    model = ToySampler(10, hidden=128)
+    x, t = torch.randn(640, 2), torch.randint(10, (640,))
+    with torch.no_grad():
+        full = model(x, t)
+        for m in [*range(1, 33), 63, 64, 65, 127, 129, 150]:
+            assert torch.equal(model(x[:m], t[:m]), full[:m]), m
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("final_step_std", [0.001, 0.0])
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
