@@ -55,6 +55,11 @@ class TrajectoryBlock:
     def meta(self) -> BlockMeta:
         return BlockMeta(self.block_id, self.version, self.num_chains, tuple(self.trainable_steps.tolist()))
 
+    def nonfinite_chains(self) -> int:
+        """Chains with a NaN or infinite state anywhere along them."""
+        finite = np.isfinite(self.xs.reshape(self.xs.shape[0], self.num_chains, -1)).all(axis=(0, 2))  # (B,)
+        return int((~finite).sum())
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockMeta:

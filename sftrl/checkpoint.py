@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from sftrl.files import DiskFull, fsync_dir, fsync_file, out_of_space, torch_save
+
 CHECKPOINT_FORMAT = "sftrl-run-v1"
 STATE_FILE = "state.pt"
 LATEST = "latest"
@@ -44,8 +46,25 @@ def _signals_deferred():
             signal.raise_signal(s)
 
 
+def iteration_of(path: Path) -> int:
+    """The iteration of a checkpoint directory ``iter-N`` (-1 for any other name)."""
+    name = Path(path).name
+    digits = name.removeprefix("iter-")
+    return int(digits) if name.startswith("iter-") and digits.isdigit() else -1
+
+
+def _by_iteration(paths) -> list[Path]:
+    """Checkpoint directories oldest first, by iteration (names sort wrongly past 10M)."""
+    return sorted((p for p in paths if iteration_of(p) >= 0), key=iteration_of)
+
+
 def save_checkpoint(run_dir: Path, iteration: int, state: dict, keep: int) -> Path:
     """Write ``state`` as ``iter-{iteration}``; keep the newest ``keep``; returns its directory.
+
+    The state file and its directory are flushed to the disk before the rename, so a checkpoint
+    that ``latest`` names is whole after a crash or a power cut. A full disk raises
+    :class:`sftrl.files.DiskFull` with the temporary copy removed and the earlier checkpoints
+    as they were.
 
     A checkpoint of the same iteration (a stop right after a scheduled checkpoint saves again,
     with the evaluations that finished since) is replaced only once the new one is complete:
@@ -60,32 +79,67 @@ def save_checkpoint(run_dir: Path, iteration: int, state: dict, keep: int) -> Pa
     name = f"iter-{iteration:07d}"
     final = root / name
     tmp = root / f".{name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp / STATE_FILE)
     pointer_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    pointer_tmp.write_text(name + "\n")
+    try:
+        tmp.mkdir()
+        torch_save({"format": CHECKPOINT_FORMAT, **state}, tmp / STATE_FILE)
+        fsync_file(tmp / STATE_FILE)
+        fsync_dir(tmp)
+        pointer_tmp.write_text(name + "\n")
+        fsync_file(pointer_tmp)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pointer_tmp.unlink(missing_ok=True)
+        if out_of_space(err):
+            raise DiskFull(final / STATE_FILE, err) from err
+        raise
     aside = root / f".{name}.old-{os.getpid()}"
     with _signals_deferred():
         if final.exists():
             os.replace(final, aside)
         os.replace(tmp, final)
         os.replace(pointer_tmp, root / LATEST)
+        fsync_dir(root)
     shutil.rmtree(aside, ignore_errors=True)
-    for old in sorted(p for p in root.glob("iter-*") if p.is_dir())[:-keep]:
+    for old in _by_iteration(p for p in root.glob("iter-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint directory of a run, or None."""
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoint directories, the one ``latest`` names first, then the
+    others by iteration, newest first."""
     root = Path(run_dir) / "checkpoints"
+    complete = _by_iteration(p for p in root.glob("iter-*") if (p / STATE_FILE).is_file())[::-1]
     pointer = root / LATEST
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / STATE_FILE).is_file():
-            return candidate
-    complete = sorted(p for p in root.glob("iter-*") if (p / STATE_FILE).is_file())
-    return complete[-1] if complete else None
+        named = root / pointer.read_text().strip()
+        if named in complete:
+            complete.remove(named)
+            complete.insert(0, named)
+    return complete
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint directory of a run, or None."""
+    found = checkpoints_newest_first(run_dir)
+    return found[0] if found else None
+
+
+def load_latest_intact(run_dir: Path) -> tuple[Path, dict, list[str]]:
+    """The newest checkpoint of a run that loads, its state, and a warning for each newer one
+    that did not (a corrupt file is skipped loudly, never silently). Raises
+    :class:`CheckpointError` when there is none, or none loads."""
+    warnings = []
+    candidates = checkpoints_newest_first(run_dir)
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path), warnings
+        except CheckpointError as err:
+            warnings.append(f"{err}; trying the next newest checkpoint")
+    if candidates:
+        raise CheckpointError(f"no checkpoint of '{run_dir}' loads: {'; '.join(warnings)}")
+    raise CheckpointError(f"no checkpoint in '{Path(run_dir) / 'checkpoints'}'")
 
 
 def load_checkpoint(path: Path) -> dict:

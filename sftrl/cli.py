@@ -14,6 +14,14 @@ from pathlib import Path
 EXIT_USER_ERROR = 2
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (``error: PROG: what; see PROG --help``) and
+    exit code 2, like every other user mistake, instead of the usage block and the error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -24,13 +32,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def _kappa(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):  # NaN fails the comparison
-        raise argparse.ArgumentTypeError(f"{text} is invalid: must be a finite number >= 0")
+    if not 0 <= value <= 1:  # NaN fails the comparison
+        raise argparse.ArgumentTypeError(f"{text} is invalid: must be a finite number >= 0 and at most 1")
     return value
 
 
@@ -71,18 +79,20 @@ def _pretrain(args: argparse.Namespace) -> int:
     from sftrl.components import fresh_sampler
     from sftrl.config import load
     from sftrl.data import load_real_data
-    from sftrl.pretraining import load_or_pretrain, sampler_checkpoint, save_atomic
+    from sftrl.files import torch_save_atomic
+    from sftrl.pretraining import data_fingerprint, load_or_pretrain, sampler_checkpoint
     from sftrl.run import check_cache_dir, resolve_config_path
 
     cfg = load(resolve_config_path(args.config), args.overrides)
     out = _check_out(args.out) if args.out else None
-    check_cache_dir(cfg)
     torch.set_num_threads(cfg.torch_threads)
     data = load_real_data(cfg)
+    fingerprint = None if cfg.model.checkpoint else data_fingerprint(data)
+    check_cache_dir(cfg, fingerprint)
     sampler = fresh_sampler(cfg, tuple(data.shape[1:]))
-    info = load_or_pretrain(cfg, sampler, data, progress=not args.no_progress)
+    info = load_or_pretrain(cfg, sampler, data, progress=not args.no_progress, fingerprint=fingerprint)
     if out is not None:
-        save_atomic(sampler_checkpoint(sampler, cfg, {"seconds": info["seconds"]}), out)
+        torch_save_atomic(sampler_checkpoint(sampler, cfg, {"seconds": info["seconds"]}), out)
     print(json.dumps({**info, **({"out": str(out)} if out is not None else {})}))
     return 0
 
@@ -95,19 +105,28 @@ def _load_run(run_dir: str, checkpoint: str | None):
     from sftrl.config import load
     from sftrl.learner import sampler_state_dict
     from sftrl.models import build_networks
+    from sftrl.rundir import check_checkpoint_belongs
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise CheckpointError(f"'{run}' is not a run directory (no config.yaml)")
     cfg = load(run / "config.yaml")
-    path = Path(checkpoint) if checkpoint else latest_checkpoint(run)
+    if checkpoint:
+        path = Path(checkpoint)
+        check_checkpoint_belongs(path, run, flag="--checkpoint")
+    else:
+        path = latest_checkpoint(run)
     if path is None:
         raise CheckpointError(f"run directory '{run}' has no checkpoint yet")
     state = load_checkpoint(path)
     policy = sampler_state_dict(state["learner"])
     data_shape = _data_shape(cfg, policy)
     sampler, _, _ = build_networks(cfg, data_shape)
-    sampler.load_state_dict(policy)
+    try:
+        sampler.load_state_dict(policy)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint '{path}' does not fit the sampler of run '{run}' "
+                              f"({str(err).splitlines()[0]})") from None
     torch.set_num_threads(cfg.torch_threads)
     return cfg, sampler, data_shape
 
@@ -124,8 +143,11 @@ def _sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from sftrl.checkpoint import CheckpointError
     from sftrl.components import schedule_of
     from sftrl.diffusion.step import sample
+    from sftrl.evaluation import NonFiniteSamples, check_finite
+    from sftrl.files import write_atomic
     from sftrl.progress import Progress
 
     out = _check_out(args.out)
@@ -134,13 +156,16 @@ def _sample(args: argparse.Namespace) -> int:
     with Progress(args.n, "sample", unit="sample") as bar:
         x = sample(sampler.eval(), schedule_of(cfg).tables(), args.n, data_shape, generator=generator,
                    batch_size=args.batch_size, on_batch=bar.update).numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.npz")
     try:
-        np.savez(tmp, x=x)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        check_finite(x)
+    except NonFiniteSamples as err:
+        raise CheckpointError(f"the sampler of run '{args.run_dir}' draws non-finite samples ({err}); nothing was "
+                              "written") from None
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, x=x)
+
+    write_atomic(out, write)
     print(f"wrote {len(x)} samples of shape {tuple(x.shape[1:])} to {out}", file=sys.stderr)
     if len(data_shape) == 3:  # images: a PNG grid beside the arrays
         from sftrl.pictures import image_grid
@@ -170,7 +195,7 @@ def _eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from sftrl.diffusion.schedules import SCHEDULE_NAMES
 
-    parser = argparse.ArgumentParser(prog="sftrl", description="Shortcut fine-tuning of diffusion samplers (SFT-PG) on Ray.")
+    parser = OneLineParser(prog="sftrl", description="Shortcut fine-tuning of diffusion samplers (SFT-PG) on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,pretrain,sample,eval,schedule}")
 
     run = sub.add_parser("run", help="fine-tune from a config (same as python -m sftrl.run)", add_help=False)
@@ -199,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("name", choices=SCHEDULE_NAMES, help="schedule name")
     sch.add_argument("--steps", type=_positive_int, required=True, help="S, number of sampling steps")
     sch.add_argument("--T", type=_positive_int, default=1000, help="T of the base DDPM (default 1000)")
-    sch.add_argument("--kappa", type=_non_negative_float, default=1.0, help="FastDPM noise scale (default 1.0)")
+    sch.add_argument("--kappa", type=_kappa, default=1.0, help="FastDPM noise scale in [0, 1] (default 1.0)")
     sch.add_argument("--beta-schedule", default="linear", choices=("linear", "sigmoid"), help="base betas (default linear)")
     sch.add_argument("--variance", default="beta", choices=("beta", "posterior"), help="ddpm/strided variance (default beta)")
     sch.add_argument("--json", action="store_true", help="print JSON: {name, steps: [{n, tau, gamma_bar, ...}]}")
@@ -216,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"pretrain": _pretrain, "sample": _sample, "eval": _eval, "schedule": _schedule}
     from sftrl.checkpoint import CheckpointError
     from sftrl.configtools import ConfigError
+    from sftrl.files import out_of_space
     from sftrl.pretraining import SamplerCheckpointError
     from sftrl.run import UsageError
 
@@ -226,6 +252,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except BrokenPipeError:  # `sftrl schedule ... | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: sftrl {args.command} stopped; nothing half-written was left (files are written "
+              "whole or not at all)", file=sys.stderr)
+        return 130
+    except OSError as err:
+        if not out_of_space(err):
+            raise
+        print(f"error: the disk is full ({err}); nothing half-written was left", file=sys.stderr)
         return 1
 
 

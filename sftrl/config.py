@@ -10,15 +10,36 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from sftrl.configtools import ConfigError, doc_field, load_config, override_key, to_dict
+from sftrl.configtools import ConfigError, doc_field, load_config, override_key, short_repr, to_dict
 
 TOY_DATASETS = ("swissroll", "moons", "gaussian")
 IMAGE_DATASETS = ("digits", "mnist", "cifar10", "celeba", "folder")
+
+# Seeds feed torch, numpy and scikit-learn; the evaluation adds offsets of up to about 1.2e5,
+# and scikit-learn takes seeds below 2**32.
+SEED_MAX = 2**31 - 1
+# Upper bounds of sizes that allocate memory or time in proportion: far above any experiment,
+# they turn a typo (an extra zero or three) into a one-line error instead of a crash minutes in.
+MAX_WIDTH = 16_384  # an MLP width or a conv's channels
+MAX_SAMPLES = 10_000_000  # points, samples or chains in one array
+# The run directory is <name>-<timestamp> (16 characters); file systems take 255 bytes a name.
+MAX_NAME = 200
+
+
+def float_leaves(node, prefix: str = ""):
+    """``(dotted key, value)`` of every float setting of a config tree (None ones left out)."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from float_leaves(value, key + ".")
+        elif isinstance(value, float):
+            yield key, value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +64,7 @@ class DiffusionConfig:
         "ddpm", "Sampling schedule (see `sftrl schedule --help`)."
     )
     steps: int = doc_field(10, "S, the number of sampling steps (T' in the paper).")
-    kappa: float = doc_field(1.0, "FastDPM's eta: noise scale of the FastDPM schedules (1: DDPM-like).")
+    kappa: float = doc_field(1.0, "FastDPM's eta, in [0, 1]: noise scale of the FastDPM schedules (1: DDPM-like).")
     variance: Literal["beta", "posterior"] = doc_field(
         "beta", "ddpm/strided step variance: beta_t or the posterior beta~_t (paper Eq. 2)."
     )
@@ -145,6 +166,16 @@ class RolloutConfig:
         "Weights versions the rollouts may run behind the learner: 0 is sync mode (Algorithm 1 exactly); "
         "k >= 1 is async mode, the workers collect up to k iterations ahead with older weights.",
     )
+    call_timeout_multiple: float = doc_field(
+        10.0,
+        "A rollout call not back after this many times the median of the last 20 calls (and at least "
+        "call_timeout_floor_s) is a hung worker: it is restarted and its blocks collected elsewhere (0: never).",
+    )
+    call_timeout_floor_s: float = doc_field(
+        60.0,
+        "The shortest wait before a rollout call counts as hung; before any call has been timed, the wait is "
+        "call_timeout_multiple times this (a first call compiles and warms up).",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,9 +220,46 @@ class Config:
             if not ok:
                 raise ConfigError(f"'{key}' = {value!r} is invalid: {valid}", key=key)
 
-        d, a, t = self.diffusion, self.algo, self.trainer
+        def within(key: str, value, low: int, high: int) -> None:
+            need(value is None or low <= value <= high, key, value, f"must be between {low} and {high}")
+
+        def widths(key: str, values: tuple[int, ...], count: int | None = None) -> None:
+            need(bool(values) and (count is None or len(values) == count), key, list(values),
+                 f"must be {count if count else 'one or more'} width(s)")
+            for i, v in enumerate(values):
+                within(f"{key}[{i}]", v, 1, MAX_WIDTH)
+
+        d, a, t, m = self.diffusion, self.algo, self.trainer, self.model
         need(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name)), "name", self.name,
              "names the run directory runs/<name>-<timestamp>: letters, digits, '.', '_' and '-', no '/'")
+        need(len(self.name) <= MAX_NAME, "name", self.name[:40] + "...",
+             f"names the run directory: at most {MAX_NAME} characters (it has {len(self.name)})")
+        for key, value in float_leaves(self):
+            need(math.isfinite(value), key, value, "must be a finite number")
+        for key, seed in (("seed", self.seed), ("data.seed", self.data.seed), ("pretrain.seed", self.pretrain.seed)):
+            within(key, seed, 0, SEED_MAX)
+        within("model.hidden", m.hidden, 1, MAX_WIDTH)
+        widths("model.critic_hidden", m.critic_hidden)
+        widths("model.baseline_hidden", m.baseline_hidden)
+        widths("model.critic_channels", m.critic_channels, count=3)
+        within("model.unet_ch", m.unet_ch, 1, MAX_WIDTH)
+        need(bool(m.unet_ch_mult), "model.unet_ch_mult", list(m.unet_ch_mult), "must name at least one level")
+        for i, mult in enumerate(m.unet_ch_mult):
+            within(f"model.unet_ch_mult[{i}]", mult, 1, 64)
+        within("model.unet_num_res_blocks", m.unet_num_res_blocks, 1, 16)
+        for i, res in enumerate(m.unet_attn_resolutions):
+            within(f"model.unet_attn_resolutions[{i}]", res, 1, 4096)
+        need(0 <= m.unet_dropout < 1, "model.unet_dropout", m.unet_dropout, "must be in [0, 1)")
+        within("data.num_train", self.data.num_train, 1, MAX_SAMPLES)
+        within("data.image_size", self.data.image_size, 1, 4096)
+        within("data.limit", self.data.limit, 1, MAX_SAMPLES)
+        within("diffusion.num_train_steps", d.num_train_steps, 1, 100_000)
+        within("trainer.eval_samples", t.eval_samples, 1, MAX_SAMPLES)
+        within("trainer.eval_draws", t.eval_draws, 1, 1000)
+        within("trainer.exact_w2_points", t.exact_w2_points, 0, 10_000)  # ot.emd2 is cubic: 10K took 25 s, 4 GiB
+        within("algo.batch_size", a.batch_size, 1, MAX_SAMPLES)
+        within("pretrain.batch_size", self.pretrain.batch_size, 1, MAX_SAMPLES)
+        within("rollout.num_workers", self.rollout.num_workers, 1, 10_000)
         need(d.num_train_steps >= 1, "diffusion.num_train_steps", d.num_train_steps, "must be >= 1")
         need(1 <= d.steps <= d.num_train_steps, "diffusion.steps", d.steps,
              f"must be between 1 and diffusion.num_train_steps = {d.num_train_steps}")
@@ -199,7 +267,9 @@ class Config:
              f"schedule 'ddpm' runs all T = {d.num_train_steps} steps; use 'strided' or a FastDPM schedule for fewer")
         need(not d.schedule.startswith("fastdpm") or d.beta_schedule == "linear", "diffusion.beta_schedule",
              d.beta_schedule, f"schedule {d.schedule!r} needs 'linear' base betas")
-        need(d.kappa >= 0, "diffusion.kappa", d.kappa, "must be >= 0")
+        need(0 <= d.kappa <= 1, "diffusion.kappa", d.kappa,
+             "must be in [0, 1] (0: DDIM's deterministic step, 1: DDPM-like; above 1 a step would add more noise "
+             "than the chain holds)")
         need(d.final_step_std >= 0, "diffusion.final_step_std", d.final_step_std, "must be >= 0")
         need(a.name in ALGORITHMS, "algo.name", a.name, f"valid: {', '.join(sorted(ALGORITHMS))}")
         need(a.name != "sft" or a.critic_regulariser == "GP", "algo.critic_regulariser", a.critic_regulariser,
@@ -212,18 +282,22 @@ class Config:
             need(getattr(a, key) >= 0, f"algo.{key}", getattr(a, key), "must be >= 0")
         need(a.critic_regulariser != "B" or a.lam > 0, "algo.lam", a.lam,
              "critic_regulariser 'B' trains the baseline through R_B alone (Eq. 23): lam must be > 0")
-        if ALGORITHMS[a.name].data != "none" and d.final_step_std == 0:
-            from sftrl.diffusion.schedules import make_schedule
+        from sftrl.diffusion.schedules import make_schedule
 
-            sigma = make_schedule(d.schedule, d.steps, num_train_steps=d.num_train_steps, beta_schedule=d.beta_schedule,
-                                  kappa=d.kappa, variance=d.variance).sigma
+        schedule = make_schedule(d.schedule, d.steps, num_train_steps=d.num_train_steps, beta_schedule=d.beta_schedule,
+                                 kappa=d.kappa, variance=d.variance)
+        bad = [row["n"] for row in schedule.rows() if not all(math.isfinite(float(v)) for v in row.values())]
+        need(not bad, "diffusion.schedule", d.schedule,
+             f"its coefficients are not finite at step(s) n = {bad[:5]} with these diffusion.* settings")
+        if ALGORITHMS[a.name].data != "none" and d.final_step_std == 0:
+            sigma = schedule.sigma
             kappa = f" with kappa = {d.kappa:g}" if d.schedule.startswith("fastdpm") else ""
             need(any(float(s) > 0 for s in sigma), "diffusion.schedule", d.schedule,
                  f"it has sigma = 0 at every step{kappa}, so {a.name!r} has no stochastic transition to learn "
                  "from: set diffusion.final_step_std > 0 (the paper's image code: 0.001) or use a stochastic schedule")
         need(0 <= a.ema_decay < 1, "algo.ema_decay", a.ema_decay, "must be in [0, 1) (0: no average)")
         need(a.max_grad_norm is None or a.max_grad_norm > 0, "algo.max_grad_norm", a.max_grad_norm, "must be > 0 or null")
-        need(t.iterations >= 0, "trainer.iterations", t.iterations, "must be >= 0")
+        need(t.iterations >= 1, "trainer.iterations", t.iterations, "must be >= 1")
         for key in ("eval_every", "checkpoint_every", "exact_w2_points"):
             need(getattr(t, key) >= 0, f"trainer.{key}", getattr(t, key), "must be >= 0")
         for key in ("eval_samples", "eval_draws", "log_every", "keep_checkpoints", "max_nonfinite_updates"):
@@ -241,6 +315,9 @@ class Config:
         need(r.num_cpus_per_worker >= 0, "rollout.num_cpus_per_worker", r.num_cpus_per_worker, "must be >= 0")
         need(r.max_restarts >= 0, "rollout.max_restarts", r.max_restarts, "must be >= 0")
         need(r.max_lag >= 0, "rollout.max_lag", r.max_lag, "must be >= 0 (0: sync mode)")
+        need(r.call_timeout_multiple == 0 or r.call_timeout_multiple >= 1, "rollout.call_timeout_multiple",
+             r.call_timeout_multiple, "must be >= 1 (or 0: no watch on hung workers)")
+        need(r.call_timeout_floor_s > 0, "rollout.call_timeout_floor_s", r.call_timeout_floor_s, "must be > 0")
         need(not (r.max_lag and 0 < t.checkpoint_every <= r.max_lag), "rollout.max_lag", r.max_lag,
              f"async mode's pipeline restarts at every checkpoint, so with trainer.checkpoint_every = "
              f"{t.checkpoint_every} the lag never reaches it: raise trainer.checkpoint_every above it "
@@ -276,7 +353,7 @@ def load(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     except ConfigError as err:
         given = [o for o in overrides if override_key(o) == err.key] or _culprits(path, overrides, err.key)
         if given:  # the value came from the command line, not from the file
-            raise err.with_context(f"override '{given[-1]}'") from None
+            raise err.with_context(f"override {short_repr(given[-1])}") from None
         if path:
             raise err.with_context(f"config file '{path}'") from None
         raise

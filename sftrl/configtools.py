@@ -35,7 +35,6 @@ import os
 import re
 import types
 import typing
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, TypeVar, Union, get_args, get_origin
 
@@ -95,7 +94,8 @@ class _Mismatch(Exception):
         self.hint = hint
 
 
-def _short_repr(value: Any) -> str:
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to a line's worth (``null`` for None): what error messages quote."""
     if value is None:
         return "null"
     text = repr(value)
@@ -107,7 +107,7 @@ def _short_repr(value: Any) -> str:
 def _got(value: Any) -> str:
     if value is None:
         return "got null"
-    return f"got {_short_repr(value)} ({type(value).__name__})"
+    return f"got {short_repr(value)} ({type(value).__name__})"
 
 
 def _join(prefix: str, name: str) -> str:
@@ -459,8 +459,42 @@ def _yaml_problem(exc: yaml.YAMLError) -> tuple[str, str]:
     return "", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+# A config is a few hundred values a few levels deep. YAML aliases can make a few hundred bytes
+# stand for billions of values (each alias repeats what its anchor names), and brackets can nest
+# past Python's recursion limit: both are refused before anything walks or prints the value.
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+def _check_yaml_size(data: Any) -> None:
+    """Raise ``yaml.YAMLError`` when ``data``, with every alias expanded, holds more than
+    ``MAX_YAML_VALUES`` values or nests deeper than ``MAX_YAML_DEPTH`` (counted without expanding:
+    a shared node's size is computed once)."""
+    sizes: dict[int, int] = {}
+
+    def size(value: Any, depth: int) -> int:
+        if not isinstance(value, (dict, list)):
+            return 1
+        if depth > MAX_YAML_DEPTH:
+            raise yaml.YAMLError(f"it nests deeper than {MAX_YAML_DEPTH} levels")
+        if id(value) not in sizes:
+            children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            total = 1 + sum(size(child, depth + 1) for child in children)
+            if total > MAX_YAML_VALUES:
+                raise yaml.YAMLError(f"it holds more than {MAX_YAML_VALUES:,} values once its aliases are expanded")
+            sizes[id(value)] = total
+        return sizes[id(value)]
+
+    size(data, 0)
+
+
 def _load_yaml_text(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except RecursionError:
+        raise yaml.YAMLError(f"it nests deeper than Python can read (keep it under {MAX_YAML_DEPTH} levels)") from None
+    _check_yaml_size(data)
+    return data
 
 
 def load_yaml_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -514,20 +548,20 @@ def parse_override(text: str) -> tuple[list[str], object]:
     """
     key, sep, raw = text.partition("=")
     if not sep:
-        raise ConfigError(f"malformed override {text!r}: no '=' — {_OVERRIDE_FORM}")
+        raise ConfigError(f"malformed override {short_repr(text)}: no '=' — {_OVERRIDE_FORM}")
     parts = [p.strip() for p in key.split(".")]
     if not key.strip():
-        raise ConfigError(f"malformed override {text!r}: empty key — {_OVERRIDE_FORM}")
+        raise ConfigError(f"malformed override {short_repr(text)}: empty key — {_OVERRIDE_FORM}")
     if not all(parts):
         raise ConfigError(
-            f"malformed override {text!r}: empty part in key {key.strip()!r} — {_OVERRIDE_FORM}"
+            f"malformed override {short_repr(text)}: empty part in key {key.strip()!r} — {_OVERRIDE_FORM}"
         )
     try:
         value = _load_yaml_text(raw)
     except yaml.YAMLError as exc:
         _, problem = _yaml_problem(exc)
         raise ConfigError(
-            f"malformed override {text!r}: value {raw!r} is not valid YAML ({problem}); "
+            f"malformed override {short_repr(text)}: value {short_repr(raw)} is not valid YAML ({problem}); "
             "quote it to pass a string",
             key=".".join(parts),
         ) from None
@@ -541,7 +575,7 @@ def _check_override_path(cls: type, path: Sequence[str], text: str) -> type | No
         where = ".".join(path[:i])
         names = [f.name for f in _init_fields(current)]
         if part not in names:
-            raise _unknown_key_error(current, part, where).with_context(f"override {text!r}")
+            raise _unknown_key_error(current, part, where).with_context(f"override {short_repr(text)}")
         section = _section_class(_hints(current)[part])
         if i == len(path) - 1:
             return section
@@ -549,7 +583,7 @@ def _check_override_path(cls: type, path: Sequence[str], text: str) -> type | No
             dotted = ".".join(path[: i + 1])
             f = next(f for f in _init_fields(current) if f.name == part)
             raise ConfigError(
-                f"override {text!r}: '{dotted}' is a "
+                f"override {short_repr(text)}: '{dotted}' is a "
                 f"{type_string(_hints(current)[part], _choices(f))} setting, not a section, "
                 f"so '{'.'.join(path)}' does not exist",
                 key=dotted,
@@ -589,7 +623,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], cls: type
             elif not isinstance(child, Mapping):
                 dotted = ".".join(path[: i + 1])
                 raise ConfigError(
-                    f"override {text!r}: cannot set '{'.'.join(path)}' because '{dotted}' "
+                    f"override {short_repr(text)}: cannot set '{'.'.join(path)}' because '{dotted}' "
                     f"is not a mapping, {_got(child)}",
                     key=dotted,
                 )
@@ -637,7 +671,7 @@ def load_config(
     except ConfigError as exc:
         source = _override_for(exc.key, overrides)
         if source is not None:
-            raise exc.with_context(f"override {source!r}") from None
+            raise exc.with_context(f"override {short_repr(source)}") from None
         if path is not None:
             raise exc.with_context(f"config file '{os.fspath(path)}'") from None
         raise
@@ -698,21 +732,9 @@ def dump_yaml(obj: Any, path: str | os.PathLike[str], *, header: str | None = No
     )
     if header:
         text = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines()) + text
-    target = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(target))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(target)}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    from sftrl.files import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 # --------------------------------------------------------------------------- reference docs

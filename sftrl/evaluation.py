@@ -33,6 +33,18 @@ IMAGE_EVAL_BATCH = 500
 KID_SUBSET_SIZE = 1000
 
 
+class NonFiniteSamples(ValueError):
+    """A sampler drew NaN or infinite samples: no metric of them means anything."""
+
+
+def check_finite(samples: np.ndarray) -> np.ndarray:
+    """``samples`` ``(N, *D)`` as they are, or :class:`NonFiniteSamples` saying how many are not finite."""
+    bad = ~np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)
+    if bad.any():
+        raise NonFiniteSamples(f"{int(bad.sum())} of {len(samples)} samples are NaN or infinite")
+    return samples
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
     num_samples: int = 10_000
@@ -61,7 +73,7 @@ class ToyEvaluator:
         if weights is not None:
             load_numpy_state(self.sampler, weights)
         generator = torch.Generator().manual_seed(seed)
-        return sample(self.sampler, self.tables, n, self.data_shape, generator=generator).numpy()
+        return check_finite(sample(self.sampler, self.tables, n, self.data_shape, generator=generator).numpy())
 
     def evaluate(self, weights: NumpyState | None) -> dict[str, float]:
         """``{"sw2_mean", "sw2_std", "sw2_min", "sw2_max", "sw2_floor_mean", "sw2_floor_std", "exact_w2"}``."""
@@ -144,7 +156,7 @@ class ImageEvaluator:
             device=self.device,
             batch_size=self.settings.batch_size,
         )
-        return x.cpu().numpy()
+        return check_finite(x.cpu().numpy())
 
     def evaluate(self, weights: NumpyState | None) -> dict[str, float | str]:
         from sftrl.metrics.fid import fid_kid

@@ -9,6 +9,7 @@ through the driver.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol
 
 
@@ -36,6 +37,10 @@ class Handle(Protocol):
     def probe(self) -> Any: ...
 
     def done(self, future: Any) -> bool: ...
+
+    def wait(self, future: Any, timeout: float) -> bool: ...
+
+    def restart(self) -> None: ...
 
     def placement(self) -> dict[str, Any]: ...
 
@@ -75,6 +80,14 @@ class LocalHandle:
         """Whether ``resolve(future)`` would return (or raise) at once."""
         return True
 
+    def wait(self, future: Any, timeout: float) -> bool:
+        """Whether ``future`` is ready within ``timeout`` seconds (a local call was done at once)."""
+        return True
+
+    def restart(self) -> None:
+        """Restart a hung component, failing its pending calls (a local object cannot hang apart
+        from the driver: nothing to do)."""
+
     def placement(self) -> dict[str, Any]:
-        """Where the component runs: ``{"node": ..., "device": ..., "gpu_ids": [...]}``."""
-        return {"node": "local", "device": component_device(self.obj), "gpu_ids": []}
+        """Where the component runs: ``{"node": ..., "device": ..., "gpu_ids": [...], "pid": ...}``."""
+        return {"node": "local", "device": component_device(self.obj), "gpu_ids": [], "pid": os.getpid()}

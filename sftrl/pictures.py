@@ -2,8 +2,8 @@
 whole sampling paths of the initial and the fine-tuned sampler (Figure 7), and image grids
 (Figures 9 and 10).
 
-Every function takes arrays and a path, writes the PNG atomically (a temporary file in the same
-directory, then ``os.replace``, so a reader never sees half a file), and returns the path. The
+Every function takes arrays and a path, writes the PNG atomically (``sftrl.files.write_atomic``:
+a reader never sees half a file, a full disk leaves none), and returns the path. The
 figures are built with matplotlib's object API on an Agg canvas: pyplot is never imported, so no
 window opens, no GUI backend is needed, and the process-wide backend of a caller (a notebook)
 is left as it was.
@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from sftrl.files import write_atomic
 
 DPI = 100
 CURVES_SIZE_PX = (1200, 800)  # (width, height)
@@ -66,22 +67,6 @@ CURVE_COLUMNS = 3
 # -- writing --------------------------------------------------------------------------------
 
 
-def _write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def _new_figure(size_px: tuple[int, int]) -> Figure:
     fig = Figure(figsize=(size_px[0] / DPI, size_px[1] / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
@@ -90,7 +75,7 @@ def _new_figure(size_px: tuple[int, int]) -> Figure:
 
 def _save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     # No bbox_inches="tight": it would make the PNG size depend on the labels.
-    return _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
 
 
 # -- training curves ------------------------------------------------------------------------
@@ -364,7 +349,7 @@ def image_grid(images, path: str | os.PathLike, nrow: int = 8) -> Path:
 
     grid = grid_array(images, nrow)
     image = Image.fromarray(grid)  # uint8 (H, W) -> mode L, (H, W, 3) -> RGB
-    return _write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def before_after_grid(initial, tuned, path: str | os.PathLike, nrow: int | None = None) -> Path:

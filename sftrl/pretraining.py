@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from sftrl.config import Config, pretrain_key
 from sftrl.configtools import to_dict
 from sftrl.diffusion.betas import alphas_cumprod, make_betas
 from sftrl.diffusion.pretrain import eps_mse
+from sftrl.files import torch_save_atomic
 from sftrl.models.unet import CheckpointMismatchError, load_ddim_checkpoint
 from sftrl.progress import Progress
 
@@ -44,6 +46,10 @@ UNET_EMA_DECAY = 0.999
 
 class PretrainingStopped(Exception):
     """Pretraining was asked to stop (the command is exiting); nothing was cached."""
+
+
+class PretrainingFailed(ValueError):
+    """Pretraining had no data or diverged: a config to change (a user error); nothing was cached."""
 
 
 def pretrain_sampler(
@@ -69,6 +75,8 @@ def pretrain_sampler(
     initial weights are forgotten early). Returns ``{"epoch_loss": [...], "seconds": ...}``.
     ``stop``: checked at each epoch's start; once set, ``PretrainingStopped`` is raised.
     """
+    if len(data) == 0:
+        raise PretrainingFailed("pretraining needs training data, and the data set holds no samples (check data.*)")
     device = torch.device(device)
     model = model.to(device).train()
     x = torch.as_tensor(data, dtype=torch.float32, device=device)
@@ -104,12 +112,20 @@ def pretrain_sampler(
                 total += loss.detach() * len(idx)
             epoch_loss = (total / len(x)).item()
             history.append(epoch_loss)
+            if not math.isfinite(epoch_loss):
+                raise PretrainingFailed(
+                    f"pretraining diverged: the eps-MSE is {epoch_loss} after epoch {len(history)} of {epochs} "
+                    f"(pretrain.lr = {lr:g}); nothing was cached: lower pretrain.lr or pretrain.max_grad_norm"
+                )
             bar.update(1, eps_mse=epoch_loss)
         seconds = bar.elapsed
     if ema is not None:
         with torch.no_grad():
             for p, average in zip(params, ema):
                 p.copy_(average)
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise PretrainingFailed(f"pretraining ended with non-finite weights (pretrain.lr = {lr:g}); nothing was cached: "
+                                "lower pretrain.lr or pretrain.max_grad_norm")
     return {"epoch_loss": history, "seconds": seconds, "ema_decay": ema_decay}
 
 
@@ -149,17 +165,6 @@ def sampler_checkpoint(model: nn.Module, cfg: Config, info: dict) -> dict:
         "final_eps_mse": float(info["epoch_loss"][-1]) if info.get("epoch_loss") else float("nan"),
         "seconds": float(info.get("seconds", 0.0)),
     }
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # after a failed save or rename: no temporary file left behind
 
 
 class SamplerCheckpointError(ValueError):
@@ -268,12 +273,24 @@ def pretrain_ema_decay(cfg: Config) -> float | None:
     return decay or None
 
 
-def cache_path(cfg: Config) -> Path:
-    """``<pretrain.cache_dir>/<data>-T<T>-<key>.pt``; the U-Net's architecture joins the key."""
+def data_fingerprint(data: np.ndarray) -> str:
+    """A short hash of the training data's dtype, shape and values (about 1.5 GB/s): the part of
+    the cache key the config cannot give, since the files at ``data.path`` may change."""
+    array = np.ascontiguousarray(data)
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()[:16]
+
+
+def cache_path(cfg: Config, fingerprint: str) -> Path:
+    """``<pretrain.cache_dir>/<data>-T<T>-<key>.pt``: the key hashes the pretraining config
+    (``pretrain_key``; the U-Net's architecture joins it) and the data's ``fingerprint``
+    (:func:`data_fingerprint`)."""
     key = pretrain_key(cfg)
     if cfg.model.sampler == "unet":
         recipe = json.dumps({**unet_architecture(cfg), "ema_decay": pretrain_ema_decay(cfg)}, sort_keys=True)
         key = hashlib.sha256(f"{key}/{recipe}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{key}/data:{fingerprint}".encode()).hexdigest()[:16]
     return Path(cfg.pretrain.cache_dir).expanduser() / f"{cfg.data.name}-T{cfg.diffusion.num_train_steps}-{key}.pt"
 
 
@@ -285,21 +302,29 @@ def load_or_pretrain(
     device: str = "cpu",
     progress: bool = True,
     stop: threading.Event | None = None,
+    fingerprint: str | None = None,
 ) -> dict:
     """Initialise ``model`` from ``model.checkpoint``, the cache, or a fresh pretraining run.
 
     Returns ``{"source": "checkpoint"|"cache"|"pretrained", "path": ..., "seconds": ...}`` (a
-    checkpoint also says its ``format``: ``sftrl-sampler-v1`` or ``ddim``).
+    checkpoint also says its ``format``: ``sftrl-sampler-v1`` or ``ddim``). ``fingerprint``:
+    ``data_fingerprint(data)`` where the caller has it. Only a finite, trained sampler is
+    cached (``PretrainingFailed`` otherwise), and a cached one with non-finite weights (cached
+    by an older sftrl) is trained again.
     """
     if cfg.model.checkpoint:
         return load_initial_checkpoint(cfg.model.checkpoint, model, cfg)
-    path = cache_path(cfg)
+    path = cache_path(cfg, fingerprint or data_fingerprint(data))
     if path.is_file():
+        initial = {k: v.clone() for k, v in model.state_dict().items()}  # where pretraining starts from
         try:
             ckpt = load_sampler_checkpoint(path, model, cfg)
-            return {"source": "cache", "path": str(path), "seconds": 0.0, "pretrain_seconds": ckpt["seconds"]}
+            if all(bool(torch.isfinite(p).all()) for p in model.state_dict().values()):
+                return {"source": "cache", "path": str(path), "seconds": 0.0, "pretrain_seconds": ckpt["seconds"]}
+            print(f"warning: the cached sampler '{path}' has non-finite weights; pretraining it again", file=sys.stderr)
         except SamplerCheckpointError:
             pass  # a stale or corrupt cache entry is rebuilt below
+        model.load_state_dict(initial)  # a rejected entry may have been loaded in part
     start = time.monotonic()
     info = pretrain_sampler(
         model,
@@ -315,5 +340,5 @@ def load_or_pretrain(
         ema_decay=pretrain_ema_decay(cfg),
         stop=stop,
     )
-    save_atomic(sampler_checkpoint(model, cfg, info), path)
+    torch_save_atomic(sampler_checkpoint(model, cfg, info), path)
     return {"source": "pretrained", "path": str(path), "seconds": time.monotonic() - start}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import yaml
 
 from sftrl.config import Config
 from sftrl.configtools import to_dict
+from sftrl.files import write_text_atomic
 
 SCALE = 1e-2  # Table 1 reports W2 in units of 1e-2
 
@@ -19,6 +19,19 @@ def _fmt(value: float | None, scale: float = SCALE) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value / scale:.2f}"
+
+
+def report_is_complete(run_dir: Path, iteration: int) -> bool:
+    """Whether the run directory's report and pictures were written for ``iteration`` (a full
+    disk may have stopped a finished run before them: resuming it writes them)."""
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(report, dict) or report.get("iterations") != iteration:
+        return False
+    pictures = report.get("pictures") or {}
+    return (run_dir / "report.md").is_file() and all((run_dir / str(name)).is_file() for name in pictures.values())
 
 
 def evaluation_rows(evaluations: list[dict]) -> list[dict]:
@@ -64,14 +77,9 @@ def placement_summary(placement: dict[str, dict]) -> str:
     for name, where in placement.items():
         gpus = f" (GPU {','.join(where['gpu_ids'])})" if where.get("gpu_ids") else ""
         node = where.get("ip") or where.get("node", "?")
-        parts.append(f"{name} {where.get('device', '-')}{gpus} on {node}")
+        pid = f" (pid {where['pid']})" if where.get("pid") else ""
+        parts.append(f"{name} {where.get('device', '-')}{gpus} on {node}{pid}")
     return ", ".join(parts)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 PICTURE_SAMPLES = 2000  # points per scatter panel
@@ -171,12 +179,13 @@ def write_report(
         "commands": commands,
         "pretrain": pretrain_info,
         "counters": trainer.counters,
+        "events": trainer.events,  # faults met and survived: lost or hung workers, failed evaluations
         "placement": placement or {},
         "evaluations": rows,
         "pictures": pictures or {},
         "config": to_dict(cfg),
     }
-    _write_atomic(run_dir / "report.json", json.dumps(report, indent=2, default=str))
+    write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2, default=str))
     chains = trainer.counters.get("chains", 0)
     md = [
         f"# sftrl run: {cfg.name}",
@@ -218,6 +227,9 @@ def write_report(
         f"{pretrain_info.get('seconds', 0.0):.1f} s",
         *([f"- placement: {placement_summary(placement)}"] if placement else []),
         "",
+        *(["## Events", "", "Faults the run met and went on from:", "",
+            *[f"- iteration {e['iteration']}: {e['event']} ({e.get('detail', '')})" for e in trainer.events], ""]
+          if trainer.events else []),
         "## Pictures",
         "",
         *[f"![{caption}]({name})" for caption, name in (pictures or {}).items()],
@@ -231,5 +243,5 @@ def write_report(
         "```",
         "",
     ]
-    _write_atomic(run_dir / "report.md", "\n".join(md))
+    write_text_atomic(run_dir / "report.md", "\n".join(md))
     return report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import time
 
 import numpy as np
 import torch
@@ -86,8 +87,10 @@ class RolloutWorker:
 
         One return value per block (with Ray's ``num_returns = len(block_ids) + 1`` each block is
         its own object-store entry) and a small summary last, which the driver fetches to learn
-        that the blocks exist without fetching the blocks.
+        that the blocks exist without fetching the blocks. The summary also says how long the call
+        took (the driver's watch on hung workers) and how many chains ended non-finite.
         """
+        start = time.perf_counter()
         self.set_policy_weights(policy_weights[1], policy_weights[0])
         self.set_critic_weights(critic_weights[1]["critic"], critic_weights[0])
         blocks = self.rollout(len(block_ids), chains_per_block, block_ids)
@@ -97,6 +100,8 @@ class RolloutWorker:
             "block_ids": [b.block_id for b in blocks],
             "policy_version": self.policy_version,
             "reward_mean": float(rewards.mean()),
+            "nonfinite_chains": [b.nonfinite_chains() for b in blocks],  # per block
+            "seconds": time.perf_counter() - start,
         }
         return (*blocks, summary)
 

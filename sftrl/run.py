@@ -24,13 +24,16 @@ import numpy as np
 import torch
 
 import sftrl
-from sftrl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from sftrl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_latest_intact
 from sftrl.config import Config, load
 from sftrl.configtools import ConfigError, dump_yaml
 from sftrl.data import load_real_data
+from sftrl.files import out_of_space, quiet_disk_full_in_threads
 from sftrl.pretraining import SamplerCheckpointError
+from sftrl.rundir import RunDirectory, check_checkpoint_belongs, check_fresh, checkpoint_run_dir
 
 EXIT_USER_ERROR = 2
+NAME_MAX = 255  # bytes in one file or directory name (Linux, macOS)
 
 
 class UsageError(Exception):
@@ -60,7 +63,9 @@ OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")  #
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    from sftrl.cli import OneLineParser
+
+    parser = OneLineParser(
         prog="python -m sftrl.run",
         description="Fine-tune a diffusion sampler with SFT-PG (Algorithm 1) and write a run directory.",
     )
@@ -81,13 +86,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # Keys a resumed run may change: how long it runs, what it logs, where and on what it runs. Any
 # other difference from the checkpoint's config would continue a different experiment.
 RESUMABLE_CHANGES = ("name", "device", "torch_threads", "trainer.", "ray.", "rollout.num_workers",
-                     "rollout.num_cpus_per_worker", "rollout.num_gpus_per_worker", "rollout.max_restarts",
+                     "rollout.num_cpus_per_worker", "rollout.num_gpus_per_worker", "rollout.max_restarts", "rollout.call_timeout_",
                      "pretrain.cache_dir", "data.path")
 
 
-def check_resumable(cfg: Config, state: dict, checkpoint: Path, overrides: list[str]) -> None:
-    """The config must continue the checkpoint's experiment, and for at least as many iterations."""
+def check_resumable(cfg: Config, state: dict, checkpoint: Path, overrides: list[str], run_dir: Path) -> None:
+    """The config must continue the checkpoint's experiment, and for at least as many iterations
+    (as many only to finish the pictures and the report of a run stopped while writing them)."""
     from sftrl.configtools import flat_dict, override_key, to_dict
+    from sftrl.report import report_is_complete
 
     before, now = flat_dict(state.get("config", {})), flat_dict(to_dict(cfg))
     fixed = [k for k in now if not k.startswith(RESUMABLE_CHANGES)]
@@ -98,7 +105,6 @@ def check_resumable(cfg: Config, state: dict, checkpoint: Path, overrides: list[
         first = changed[0]
         more = f" (and {len(changed) - 1} more: {', '.join(changed[1:])})" if len(changed) > 1 else ""
         given = [o for o in overrides if override_key(o) in changed]
-        run_dir = checkpoint.parent.parent  # <run>/checkpoints/iter-N
         fix = (f"drop {' '.join(given)}" if given and len(given) == len(changed) else
                f"resume with the run's own config: python -m sftrl.run --run-dir {run_dir} --resume auto")
         raise UsageError(
@@ -111,7 +117,7 @@ def check_resumable(cfg: Config, state: dict, checkpoint: Path, overrides: list[
             f"--resume: trainer.iterations = {cfg.trainer.iterations} is below the checkpoint's iteration {done}; "
             f"give trainer.iterations >= {done} to continue the run"
         )
-    if cfg.trainer.iterations == done:
+    if cfg.trainer.iterations == done and report_is_complete(run_dir, done):
         more = ("its learning-rate decay (algo.policy_lr_decay=linear) ends there, so it cannot be lengthened"
                 if cfg.algo.policy_lr_decay == "linear" else f"give trainer.iterations above {done} to continue it")
         raise UsageError(f"--resume: the run already reached trainer.iterations = {done} (checkpoint "
@@ -130,6 +136,10 @@ def check_can_write(path: Path, flag: str, *, directory: bool) -> None:
     be made where it is asked for: said before any work. The nearest existing directory is tried
     with a probe directory, removed at once (permissions alone say nothing for root, nor for /proc
     or a read-only mount)."""
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise UsageError(f"{flag} '{str(path)[:60]}...': the name '{part[:40]}...' is {len(os.fsencode(part))} "
+                             f"bytes long, more than the {NAME_MAX} file systems take")
     if directory and path.exists() and not path.is_dir():
         raise UsageError(f"{flag} '{path}' is a file, not a directory")
     if not directory and path.is_dir():
@@ -142,20 +152,29 @@ def check_can_write(path: Path, flag: str, *, directory: bool) -> None:
         raise UsageError(f"{flag} '{path}': cannot write in '{place}' ({err.strerror or err})") from None
 
 
-def check_cache_dir(cfg: Config) -> None:
-    """Where a sampler will be pretrained, its cache must take it (a cached one is only read)."""
+def check_cache_dir(cfg: Config, fingerprint: str | None) -> None:
+    """Where a sampler will be pretrained, its cache must take it (a cached one is only read).
+    ``fingerprint``: the data's (``data_fingerprint``), None when ``model.checkpoint`` is set."""
     from sftrl.pretraining import cache_path
 
-    if not cfg.model.checkpoint and not cache_path(cfg).is_file():
+    if fingerprint is not None and not cache_path(cfg, fingerprint).is_file():
         check_can_write(Path(cfg.pretrain.cache_dir).expanduser(), "pretrain.cache_dir", directory=True)
 
 
-def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:
-    """Everything that can fail on user input, before anything is written."""
+def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None, RunDirectory]:
+    """Everything that can fail on user input, before anything is written. Returns the run
+    directory claimed for this command (``release()`` it when done)."""
+    run_dir_arg = args.run_dir
+    if args.resume not in (None, "auto") and not run_dir_arg:
+        owner = checkpoint_run_dir(Path(args.resume))  # --resume RUN/checkpoints/iter-N: that run
+        if owner is None:
+            raise UsageError(f"--resume '{args.resume}' is not a run's checkpoint (RUN/checkpoints/iter-N); "
+                             "give the checkpoint directory of a run, or --run-dir DIR --resume auto")
+        run_dir_arg = str(owner)
     if args.config is None:
-        saved = Path(args.run_dir) / "config.yaml" if args.run_dir else None
+        saved = Path(run_dir_arg) / "config.yaml" if run_dir_arg else None
         if args.resume and saved is not None and not saved.is_file():
-            raise UsageError(f"--run-dir '{args.run_dir}' holds no run (no config.yaml): give the directory of an "
+            raise UsageError(f"--run-dir '{run_dir_arg}' holds no run (no config.yaml): give the directory of an "
                              "existing run, or a config file to start one")
         if not (args.resume and saved is not None):
             raise UsageError("give a config file (e.g. configs/swissroll.yaml), or continue a run with its own "
@@ -164,28 +183,47 @@ def prepare(args: argparse.Namespace) -> tuple[Config, Path, dict | None]:
     else:
         config_path = resolve_config_path(args.config)
     cfg = load(config_path, args.overrides)
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (
+    run_dir = Path(run_dir_arg) if run_dir_arg else Path("runs") / (
         f"{cfg.name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     )
     check_can_write(run_dir, "--run-dir", directory=True)
-    check_cache_dir(cfg)
-    resume_state = None
-    if args.resume:
-        path = latest_checkpoint(run_dir) if args.resume == "auto" else Path(args.resume)
-        if path is None:
+    hold = RunDirectory(run_dir).claim()  # before reading what is there: no other command changes it now
+    try:
+        resume_state = _resume_state(args, cfg, run_dir) if args.resume else None
+        if resume_state is None:
+            check_fresh(run_dir)
+            if (run_dir / "metrics.jsonl").exists():
+                if latest_checkpoint(run_dir) is None:
+                    raise UsageError(f"run directory '{run_dir}' holds a run stopped before its first checkpoint: "
+                                     f"choose another --run-dir (or delete '{run_dir}')")
+                raise UsageError(f"run directory '{run_dir}' already holds a run: pass --resume auto to continue it")
+        warn_if_in_a_job_copy(run_dir)
+    except BaseException:
+        hold.release()
+        raise
+    return cfg, run_dir, resume_state, hold
+
+
+def _resume_state(args: argparse.Namespace, cfg: Config, run_dir: Path) -> dict:
+    """The checkpoint ``--resume`` names, loaded and checked against the config. ``auto``
+    takes the newest one that loads, and says so for each newer one that does not."""
+    if args.resume == "auto":
+        if latest_checkpoint(run_dir) is None:
             if (run_dir / "metrics.jsonl").exists():
                 raise UsageError(f"--resume auto: the run in '{run_dir}' stopped before its first checkpoint; start "
                                  f"again in a new --run-dir (or delete '{run_dir}')")
             raise UsageError(f"--resume auto: no checkpoint in '{run_dir / 'checkpoints'}' (give --run-dir of the run)")
-        resume_state = load_checkpoint(path)
-        check_resumable(cfg, resume_state, path, args.overrides)
-    elif (run_dir / "metrics.jsonl").exists():
-        if latest_checkpoint(run_dir) is None:
-            raise UsageError(f"run directory '{run_dir}' holds a run stopped before its first checkpoint: choose "
-                             f"another --run-dir (or delete '{run_dir}')")
-        raise UsageError(f"run directory '{run_dir}' already holds a run: pass --resume auto to continue it")
-    warn_if_in_a_job_copy(run_dir)
-    return cfg, run_dir, resume_state
+        path, state, skipped = load_latest_intact(run_dir)
+        for warning in skipped:
+            print(f"warning: {warning}", file=sys.stderr)
+        if skipped:
+            print(f"warning: resuming from '{path}', the newest checkpoint that loads", file=sys.stderr)
+    else:
+        path = Path(args.resume)
+        check_checkpoint_belongs(path, run_dir)
+        state = load_checkpoint(path)
+    check_resumable(cfg, state, path, args.overrides, run_dir)
+    return state
 
 
 def warn_if_in_a_job_copy(run_dir: Path) -> None:
@@ -197,13 +235,15 @@ def warn_if_in_a_job_copy(run_dir: Path) -> None:
               "goes with the Ray session: pass --run-dir with an absolute path to keep it", file=sys.stderr)
 
 
-def build_initial_sampler(cfg: Config, data: np.ndarray, progress: bool, stop: threading.Event | None = None):
+def build_initial_sampler(cfg: Config, data: np.ndarray, progress: bool, stop: threading.Event | None = None,
+                          fingerprint: str | None = None):
     from sftrl.components import InitState, fresh_sampler, resolve_device
     from sftrl.pretraining import load_or_pretrain
     from sftrl.weights import to_numpy_state
 
     sampler = fresh_sampler(cfg, tuple(data.shape[1:]))
-    info = load_or_pretrain(cfg, sampler, data, device=resolve_device(cfg), progress=progress, stop=stop)
+    info = load_or_pretrain(cfg, sampler, data, device=resolve_device(cfg), progress=progress, stop=stop,
+                            fingerprint=fingerprint)
     return InitState(to_numpy_state(sampler.cpu()), tuple(data.shape[1:])), info
 
 
@@ -225,19 +265,44 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from sftrl.components import resolve_device
-
     started = time.monotonic()
     args = parse_args(argv)
+    quiet_disk_full_in_threads()
     try:
-        cfg, run_dir, resume_state = prepare(args)
-        torch.set_num_threads(cfg.torch_threads)
-        resolve_device(cfg)  # a GPU asked for where there is none: said before anything starts
-        data = load_real_data(cfg)
+        cfg, run_dir, resume_state, hold = prepare(args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    launch = Launch(cfg)
+    try:
+        return _run_in(hold, cfg, resume_state, args, started)
+    finally:
+        hold.release()
+
+
+def how_to_go_on(run_dir: Path) -> str:
+    """What a stopped run's last line says: its last checkpoint and the command that resumes it."""
+    last = latest_checkpoint(run_dir)
+    if last is None:
+        return "no checkpoint was written: start again in a new run directory"
+    return f"last checkpoint: {last} (resume with: python -m sftrl.run --run-dir {run_dir} --resume auto)"
+
+
+def _run_in(hold: RunDirectory, cfg: Config, resume_state, args, started: float) -> int:
+    from sftrl.components import resolve_device
+    from sftrl.preflight import check_networks
+    from sftrl.pretraining import data_fingerprint
+
+    try:
+        torch.set_num_threads(cfg.torch_threads)
+        resolve_device(cfg)  # a GPU asked for where there is none: said before anything starts
+        data = load_real_data(cfg)
+        check_networks(cfg, tuple(data.shape[1:]))
+        fingerprint = None if cfg.model.checkpoint else data_fingerprint(data)
+        check_cache_dir(cfg, fingerprint)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    launch = Launch(cfg, fingerprint)
     try:
         init, pretrain_info = launch.start_while_pretraining(data, not args.no_progress)
     except USER_ERRORS as err:
@@ -252,14 +317,11 @@ def _main(argv: list[str] | None) -> int:
         launch.abandon()
         raise
     try:
-        return train(cfg, run_dir, init, pretrain_info, data, resume_state, progress=not args.no_progress,
+        return train(cfg, hold, init, pretrain_info, data, resume_state, progress=not args.no_progress,
                      started=started, launch=launch)
     except KeyboardInterrupt as err:  # a second signal (Ray's get may re-raise it bare): stop at once
         signum = getattr(err, "signum", signal.SIGINT)
-        last = latest_checkpoint(run_dir)
-        then = (f"last checkpoint: {last} (resume with: python -m sftrl.run --run-dir {run_dir} --resume auto)"
-                if last else "no checkpoint was written: start again in a new run directory")
-        print(f"second {signal.Signals(signum).name}: stopped at once; {then}", file=sys.stderr)
+        print(f"second {signal.Signals(signum).name}: stopped at once; {how_to_go_on(hold.path)}", file=sys.stderr)
         return 128 + signum
 
 
@@ -271,8 +333,10 @@ class Launch:
     With ``ray.backend: local`` there is nothing to start and the thread only pretrains.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, fingerprint: str | None = None):
+        """``fingerprint``: the data's, for the pretrained-sampler cache (None with ``model.checkpoint``)."""
         self.cfg = cfg
+        self.fingerprint = fingerprint
         self.started_ray = False  # this command started Ray (and shuts it down)
         self.actors = None  # a RaySystemLaunch once the actors are asked for
 
@@ -281,14 +345,14 @@ class Launch:
 
         data_shape = tuple(data.shape[1:])
 
-        if self.cfg.model.checkpoint or cache_path(self.cfg).is_file():
+        if self.fingerprint is None or cache_path(self.cfg, self.fingerprint).is_file():
             # Loading takes seconds, and a bad checkpoint is reported before anything starts.
-            loaded = build_initial_sampler(self.cfg, data, progress)
+            loaded = build_initial_sampler(self.cfg, data, progress, fingerprint=self.fingerprint)
             self.start_ray(data_shape)
             return loaded
         stop = threading.Event()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftrl-pretrain") as pool:
-            pretraining = pool.submit(build_initial_sampler, self.cfg, data, progress, stop)
+            pretraining = pool.submit(build_initial_sampler, self.cfg, data, progress, stop, self.fingerprint)
             try:
                 self.start_ray(data_shape)
                 return pretraining.result()
@@ -381,9 +445,19 @@ class StopOnSignal:
         )
 
 
+def close_quietly(tensorboard) -> None:
+    """Close the TensorBoard writer; a failure (a full disk) is a warning, metrics.jsonl keeps
+    every record."""
+    try:
+        tensorboard.close()
+    except OSError as err:
+        print(f"warning: TensorBoard's event file may miss its last records ({err}); metrics.jsonl has them",
+              file=sys.stderr)
+
+
 def train(
     cfg: Config,
-    run_dir: Path,
+    hold: RunDirectory,
     init,
     pretrain_info: dict,
     data,
@@ -393,18 +467,20 @@ def train(
     launch: Launch,
     started: float | None = None,
 ) -> int:
-    """Fine-tune and report. Returns 0, 128 + signal when stopped by a signal, 1 on a fatal fault.
-    ``launch``: what ``Launch.start_while_pretraining`` started."""
+    """Fine-tune and report into the run directory ``hold`` claims. Returns 0, 128 + signal when
+    stopped by a signal, 1 on a fatal fault. ``launch``: what ``Launch.start_while_pretraining``
+    started."""
     from sftrl.evaluation import build_evaluator
     from sftrl.handles import ComponentLost
     from sftrl.report import make_pictures, placement_summary, write_report
     from sftrl.tensorboard import TensorBoardLogger
     from sftrl.trainer import NonFiniteError, RolloutError, Trainer
 
+    run_dir = hold.path
     system = tensorboard = None
     try:
         system = launch.system(init, data)
-        run_dir.mkdir(parents=True, exist_ok=True)  # only once the components exist: a bad ask writes nothing
+        hold.mark_written()  # only once the components exist: a bad ask writes nothing
         placement = system.placement()
         print(f"placement: {placement_summary(placement)}", file=sys.stderr, flush=True)
         evaluator = build_evaluator(cfg, init)
@@ -433,14 +509,16 @@ def train(
                   "--resume auto", file=sys.stderr)
             return 128 + stop.signum
     except (NonFiniteError, ComponentLost, RolloutError) as err:
-        last = latest_checkpoint(run_dir)
-        then = (f"last checkpoint: {last} (resume with: python -m sftrl.run --run-dir {run_dir} --resume auto)" if last
-                else "no checkpoint was written yet: start again in a new run directory")
-        print(f"error: {err}; {then}", file=sys.stderr)
+        print(f"error: {err}; {how_to_go_on(run_dir)}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if not out_of_space(err):
+            raise
+        print(f"error: the disk is full ({err}); free space, then go on: {how_to_go_on(run_dir)}", file=sys.stderr)
         return 1
     finally:
         if tensorboard is not None:
-            tensorboard.close()
+            close_quietly(tensorboard)
         if system is not None:
             system.shutdown()
         elif launch.actors is not None:

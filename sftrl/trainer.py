@@ -3,10 +3,12 @@ metrics and checkpoints. The same loop runs local objects or Ray actors (``sftrl
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
-import os
+import statistics
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +23,7 @@ from sftrl.configtools import to_dict
 from sftrl.handles import ComponentLost, Handle, LocalHandle
 from sftrl.optim import SKIPPED
 from sftrl.progress import Progress
+from sftrl.runlog import MetricsLog
 
 
 @dataclasses.dataclass
@@ -58,6 +61,8 @@ def build_local_system(cfg: Config, init, real_data=None) -> System:
 # How long to wait for Ray to restart a rollout worker when none is left (a restart re-imports
 # torch and rebuilds the networks: seconds on an idle machine, much longer on a loaded one).
 WORKER_RESTART_WAIT_S = 120.0
+# Rollout calls whose durations set how long the next may take before its worker counts as hung.
+RECENT_CALLS = 20
 
 
 class RolloutCall(NamedTuple):
@@ -113,40 +118,6 @@ def mean_metrics(entries: list[dict[str, float]], prefix: str) -> dict[str, floa
     return out
 
 
-class MetricsLog:
-    """Append-only JSONL: one object per line, each with an ``iteration`` field.
-
-    The JSONL is the source of truth; ``sinks`` (e.g. a TensorBoard logger with
-    ``scalars(iteration, record)``) receive a copy of every record.
-    """
-
-    def __init__(self, path: Path, sinks: tuple = ()):
-        self.path = Path(path)
-        self.sinks = sinks
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, allow_nan=True) + "\n")
-        for sink in self.sinks:
-            sink.scalars(record["iteration"], record)
-
-    def truncate_after(self, iteration: int) -> int:
-        """Drop lines past ``iteration`` (written after the checkpoint a run resumes from), so a
-        resumed run appends without repeating an iteration. Returns how many lines were dropped."""
-        records = self.read()
-        keep = [r for r in records if r.get("iteration", 0) <= iteration]
-        if len(keep) != len(records):
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in keep))
-            os.replace(tmp, self.path)
-        return len(records) - len(keep)
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-
 class Trainer:
     """Algorithm 1 over handles. ``fit()`` runs ``trainer.iterations`` iterations.
 
@@ -184,6 +155,7 @@ class Trainer:
             "nonfinite_total": 0,
             "nonfinite_streak_critic": 0,
             "nonfinite_streak_policy": 0,
+            "nonfinite_streak_rollout": 0,
             "worker_failures": 0,
         }
         self.events: list[dict[str, Any]] = []
@@ -196,6 +168,7 @@ class Trainer:
         self._calls_made: dict[str, int] = {}  # collect calls made per worker
         self._deaths_seen: dict[str, int] = {}  # per worker: the calls made when its last death was seen
         self._dead: dict[str, Any] = {}  # workers seen dead, by name: a probe that resolves once one is back
+        self._call_seconds: collections.deque[float] = collections.deque(maxlen=RECENT_CALLS)  # rollout call times
         self.evaluations: list[dict[str, Any]] = []
         self._evaluating: list[tuple[int, int, Future]] = []  # (iteration, version, result), in order
         self._evaluation_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftrl-eval")
@@ -355,6 +328,35 @@ class Trainer:
         rollouts.calls = delivered
         self._submit(rollouts, failed, workers)
 
+    def call_timeout(self) -> float:
+        """How long a rollout call may take before its worker counts as hung (see
+        ``rollout.call_timeout_multiple``): a multiple of the recent calls' median, floored."""
+        r = self.cfg.rollout
+        if not self._call_seconds:
+            return r.call_timeout_multiple * r.call_timeout_floor_s
+        return max(r.call_timeout_floor_s, r.call_timeout_multiple * statistics.median(self._call_seconds))
+
+    def _watch_for_hung_workers(self, rollouts: Rollouts) -> None:
+        """Wait for this iteration's rollout calls up to ``call_timeout()``; a worker whose call is
+        not back by then is hung (alive, so Ray would wait on it forever): it is restarted, which
+        fails its calls, and the recovery collects its blocks elsewhere.
+
+        The wait starts when the driver needs the blocks, and a worker runs its calls in order,
+        so by then it is at most one call into this one."""
+        if not self.cfg.rollout.call_timeout_multiple:
+            return
+        limit = self.call_timeout()
+        deadline = time.monotonic() + limit
+        for call in rollouts.calls:
+            if call.worker.wait(call.out[-1], max(0.0, deadline - time.monotonic())):
+                continue
+            detail = (f"{call.worker.name} did not return its rollout call (blocks {', '.join(call.ids)}) within "
+                      f"{limit:.0f} s (rollout.call_timeout_multiple x the recent calls, at least "
+                      "rollout.call_timeout_floor_s)")
+            print(f"warning: {detail}; restarting it and collecting its blocks elsewhere", file=sys.stderr, flush=True)
+            self.events.append({"iteration": self.iteration, "event": "worker_hung", "detail": detail})
+            call.worker.restart()
+
     def _wait_for_a_worker(self, workers: list[Handle]) -> list[Handle]:
         """No worker is usable: wait (bounded) until Ray has restarted one of them."""
         deadline = time.monotonic() + WORKER_RESTART_WAIT_S
@@ -381,6 +383,7 @@ class Trainer:
         for _attempt in range(self.cfg.rollout.max_restarts + 1):
             critic = self.update_critic(rollouts)
             policy = self.update_policy(rollouts, critic.weights)
+            self._watch_for_hung_workers(rollouts)
             try:
                 critic_metrics = critic.handle.resolve(critic.metrics)
             except ComponentLost:
@@ -402,9 +405,9 @@ class Trainer:
                 "the workers keep dying"
             )
         self._critic_weights, self._policy_weights = critic.weights, policy.weights
+        self._count_rollouts(rollouts)  # first: non-finite samples make both updates non-finite too
         self._count_nonfinite(critic_metrics, "critic")
         self._count_nonfinite(policy_metrics, "policy")
-        self._count_rollouts(rollouts)
         return critic_metrics, policy_metrics
 
     def update_critic(self, rollouts: Rollouts) -> Pending:
@@ -434,6 +437,10 @@ class Trainer:
         self.counters["chains"] += len(rollouts.ids) * a.batch_size
         self.counters["transitions"] += len(rollouts.ids) * a.batch_size * len(self._steps())
         summaries = [call.worker.resolve(call.out[-1]) for call in rollouts.calls]  # done by now
+        self._call_seconds.extend(s["seconds"] for s in summaries if "seconds" in s)
+        # A block with a non-finite chain counts like a non-finite update: one per block, as the critic's.
+        self._count_nonfinite([{SKIPPED: float(n > 0)} for s in summaries for n in s.get("nonfinite_chains", [])],
+                              "rollout")
         self._rollout_reward = sum(s["reward_mean"] for s in summaries) / len(summaries)
         # Versions the rollouts ran behind the learner (0 in sync mode; the metric to watch in async).
         self._weights_lag = self.iteration - min(s["policy_version"] for s in summaries)
@@ -453,7 +460,8 @@ class Trainer:
         return BlockMeta(block_id, version, self.cfg.algo.batch_size, self._steps())
 
     def _count_nonfinite(self, metrics: list[dict[str, float]], component: str) -> None:
-        """Count skipped (non-finite) updates; K in a row for one component stops the run."""
+        """Count skipped (non-finite) updates, or rollout blocks holding a non-finite chain
+        (``component`` "rollout"); K in a row for one component stops the run."""
         key = f"nonfinite_streak_{component}"
         for m in metrics:
             if m.get(SKIPPED, 0.0):
@@ -463,10 +471,11 @@ class Trainer:
                 self.counters[key] = 0
         limit = self.cfg.trainer.max_nonfinite_updates
         if self.counters[key] >= limit:
+            what = ("rollout blocks with non-finite chains" if component == "rollout"
+                    else f"non-finite {component} updates")
             raise NonFiniteError(
-                f"{self.counters[key]} non-finite {component} updates in a row (limit "
-                f"trainer.max_nonfinite_updates = {limit}); the last good checkpoint is kept. "
-                "Lower the learning rates, set algo.max_grad_norm, or check the data for NaNs."
+                f"{self.counters[key]} {what} in a row (limit trainer.max_nonfinite_updates = {limit}); the last "
+                "good checkpoint is kept. Lower the learning rates, set algo.max_grad_norm, or check the data for NaNs."
             )
 
     def evaluate(self) -> None:
@@ -486,12 +495,20 @@ class Trainer:
         return result
 
     def collect_evaluations(self, *, wait: bool = False) -> list[dict[str, Any]]:
-        """Log the evaluations that have finished (all of them with ``wait``), in order; an
-        evaluation's error is raised here."""
+        """Log the evaluations that have finished (all of them with ``wait``), in order. An
+        evaluation that failed (non-finite samples, a metric's error) is an ``evaluation_failed``
+        event and a warning: the run goes on, and checkpoints."""
         done = []
         while self._evaluating and (wait or self._evaluating[0][2].done()):
             iteration, version, future = self._evaluating.pop(0)
-            result = {"iteration": iteration, "policy_version": version, **future.result()}
+            try:
+                result = {"iteration": iteration, "policy_version": version, **future.result()}
+            except Exception as err:  # any metric's failure: the run's weights are not at stake
+                detail = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                print(f"warning: the evaluation at iteration {iteration} failed ({detail})", file=sys.stderr)
+                self.events.append({"iteration": iteration, "event": "evaluation_failed", "detail": detail})
+                self.log.write({"iteration": iteration, "event": "evaluation_failed", "detail": detail})
+                continue
             self.evaluations.append(result)
             self.log.write({"iteration": iteration, **{f"eval/{k}": v for k, v in result.items() if k != "iteration"}})
             done.append(result)
@@ -534,7 +551,8 @@ class Trainer:
         self._policy_weights = None
         self._ahead = {}
         self._saved = (self.iteration, len(self.evaluations), len(self.events))  # what it was restored from
-        self.log.truncate_after(self.iteration)
+        for note in self.log.repair(self.iteration):
+            print(f"note: {note}", file=sys.stderr)
 
     def checkpoint(self) -> Path | None:
         """Save the state as the current iteration's checkpoint; None when that checkpoint exists

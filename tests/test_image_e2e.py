@@ -273,18 +273,18 @@ def test_extractor_choice_never_passes_off_a_stand_in_fid(tmp_path, monkeypatch)
 
 
 def test_initial_checkpoint_formats_are_told_apart(tmp_path):
+    from sftrl.files import torch_save_atomic
     from sftrl.models import build_unet
     from sftrl.pretraining import (
         SamplerCheckpointError,
         load_initial_checkpoint,
         sampler_checkpoint,
-        save_atomic,
     )
 
     cfg = load(REPO / "configs" / "cifar10.yaml", TINY)
     source = tiny_unet(3, 32, seed=5)
     ours, release = tmp_path / "sftrl.pt", tmp_path / "release.pt"
-    save_atomic(sampler_checkpoint(source, cfg, {"epoch_loss": [0.1], "seconds": 1.0}), ours)
+    torch_save_atomic(sampler_checkpoint(source, cfg, {"epoch_loss": [0.1], "seconds": 1.0}), ours)
     torch.save(source.state_dict(), release)
     for path, fmt in ((ours, "sftrl-sampler-v1"), (release, "ddim")):
         target = build_unet(cfg, (3, 32, 32))
@@ -306,17 +306,17 @@ def test_initial_checkpoint_formats_are_told_apart(tmp_path):
 
 
 def test_a_sampler_checkpoint_trained_on_other_betas_is_refused(tmp_path):
+    from sftrl.files import torch_save_atomic
     from sftrl.models import build_networks
     from sftrl.pretraining import (
         SamplerCheckpointError,
         load_sampler_checkpoint,
         sampler_checkpoint,
-        save_atomic,
     )
 
     sigmoid = load(REPO / "configs" / "smoke.yaml")
     path = tmp_path / "sampler.pt"
-    save_atomic(sampler_checkpoint(build_networks(sigmoid, (2,))[0], sigmoid, {"epoch_loss": [0.1]}), path)
+    torch_save_atomic(sampler_checkpoint(build_networks(sigmoid, (2,))[0], sigmoid, {"epoch_loss": [0.1]}), path)
     load_sampler_checkpoint(path, build_networks(sigmoid, (2,))[0], sigmoid)
     linear = load(REPO / "configs" / "smoke.yaml", ["diffusion.beta_schedule=linear"])
     with pytest.raises(SamplerCheckpointError, match="beta_schedule: checkpoint 'sigmoid' vs config 'linear'"):

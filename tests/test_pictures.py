@@ -13,6 +13,7 @@ from matplotlib.image import imread
 from PIL import Image
 
 from sftrl import pictures
+from sftrl.files import write_atomic
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -321,7 +322,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        pictures._write_atomic(target, broken)
+        write_atomic(target, broken)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["picture.png"]
 

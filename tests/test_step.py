@@ -407,7 +407,7 @@ def test_pretrain_ema_decay_follows_the_model_recipe_and_keys_the_cache_only_whe
     assert pretrain_key(load(REPO / "configs" / "smoke.yaml", [])) == "8d0774b8135453bc"
     averaged = load(REPO / "configs" / "smoke.yaml", [f"pretrain.cache_dir={tmp_path}", "pretrain.epochs=2",
                                           "pretrain.ema_decay=0.9"])
-    assert pretrain_ema_decay(averaged) == 0.9 and cache_path(averaged) != cache_path(smoke)
+    assert pretrain_ema_decay(averaged) == 0.9 and cache_path(averaged, "f") != cache_path(smoke, "f")
     data = np.random.default_rng(0).normal(size=(256, 2)).astype(np.float32)
     models = {}
     for name, cfg in (("raw", smoke), ("averaged", averaged)):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import threading
 
-import pytest
-
 from conftest import REPO
 from sftrl.components import InitState
 from sftrl.config import load
@@ -52,10 +50,11 @@ def test_training_goes_on_while_an_evaluation_runs(tmp_path):
     assert any("critic/ipm_gap" in x for x in lines[:first_eval])
 
 
-def test_an_evaluation_error_reaches_the_driver(tmp_path):
+def test_an_evaluation_error_reaches_the_driver_as_an_event_and_the_run_goes_on(tmp_path):
     def evaluate(weights):
         raise ValueError("evaluation broke")
 
     trainer = _trainer(tmp_path, evaluate)
-    with pytest.raises(ValueError, match="evaluation broke"):
-        trainer.fit()
+    trainer.fit()
+    assert trainer.iteration == trainer.cfg.trainer.iterations
+    assert {e["detail"] for e in trainer.events} == {"ValueError: evaluation broke"}

@@ -11,9 +11,12 @@ def load_real_data(cfg) -> np.ndarray:
     """The training set of ``cfg.data`` as float32 ``(N, *data_shape)``."""
     if cfg.data.name in TOY_DATASETS:
         return make_toy(cfg.data.name, cfg.data.num_train, seed=cfg.data.seed)
-    from sftrl.data.images import load_image_dataset
+    from sftrl.data.images import DataError, load_image_dataset
 
-    return load_image_dataset(cfg.data.name, cfg.data.path, image_size=cfg.data.image_size, limit=cfg.data.limit)
+    data = load_image_dataset(cfg.data.name, cfg.data.path, image_size=cfg.data.image_size, limit=cfg.data.limit)
+    if len(data) == 0:
+        raise DataError(f"data.path '{cfg.data.path}': the {cfg.data.name} files there hold no images")
+    return data
 
 
 def fresh_data_fn(cfg):

@@ -60,7 +60,10 @@ CELEBA_SOURCE = (
 )
 FOLDER_SOURCE = "point data.path at a folder of your own images"
 
-IDX_UBYTE_3D_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (N, rows, cols)
+IDX_UBYTE_3D_MAGIC = 2051
+# The most pixels an image file may decode to (an 8192 x 8192 photo); far above any training
+# image, far below what a crafted header can claim.
+MAX_IMAGE_PIXELS = 8192 * 8192  # 0x00000803: unsigned bytes, 3 dimensions (N, rows, cols)
 
 
 class DataError(ValueError):
@@ -145,6 +148,8 @@ def _read_idx_images(file: Path) -> np.ndarray:
     magic, n, rows, cols = (int(v) for v in np.frombuffer(raw[:16], dtype=">u4"))
     if magic != IDX_UBYTE_3D_MAGIC:
         raise _data_error(file, expected, MNIST_SOURCE, f"wrong IDX magic {magic}")
+    if min(n, rows, cols) < 1:
+        raise _data_error(file, expected, MNIST_SOURCE, f"the header gives {n} images of {rows}x{cols} pixels")
     size = n * rows * cols
     if len(raw) - 16 != size:
         raise _data_error(
@@ -195,14 +200,46 @@ def _cifar_dir(root: Path) -> Path:
     raise _data_error(root, expected, CIFAR10_SOURCE, "CIFAR-10 batches not found")
 
 
+# The only globals a CIFAR-10 python batch names: numpy's array reconstruction (numpy 1 and 2
+# spell its module differently; pickle protocol 5 rebuilds from a buffer) and the codec Python 3
+# pickles of bytes use.
+CIFAR_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+})
+
+
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle that names a global a data file never needs: refused before anything runs."""
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: any other global (``os.system``, a class with
+    a ``__reduce__``) is refused instead of imported, so a crafted file runs no code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise RefusedPickle(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(file: Path) -> np.ndarray:
-    """One CIFAR-10 python batch -> ``uint8`` ``(n, 3, 32, 32)``."""
+    """One CIFAR-10 python batch -> ``uint8`` ``(n, 3, 32, 32)``, read with an unpickler that
+    takes numpy arrays, bytes, lists and dicts only (``CIFAR_PICKLE_GLOBALS``)."""
     expected = "a CIFAR-10 python batch (a pickled dict with b'data': uint8 (n, 3072))"
     if not file.is_file():
         raise _data_error(file, expected, CIFAR10_SOURCE, "CIFAR-10 batch missing")
     try:
         with open(file, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+    except RefusedPickle as err:
+        raise _data_error(file, expected, CIFAR10_SOURCE, f"refused: the pickle names '{err}', which a CIFAR-10 "
+                          "batch never holds (nothing in the file was run)") from None
     except Exception as err:  # unpickling raises many types on a corrupt file
         raise _data_error(file, expected, CIFAR10_SOURCE, f"cannot unpickle ({err!r})") from err
     data = batch.get(b"data") if isinstance(batch, dict) else None
@@ -223,8 +260,9 @@ def load_cifar10(
     """CIFAR-10 from its python batches (``cifar-10-batches-py``, or the folder holding it).
 
     Each batch is a pickled dict whose ``b'data'`` is ``uint8`` ``(10000, 3072)``, one image per
-    row in channel-major (CHW) order. Security: unpickling can run arbitrary code, so only load
-    batches from a source you trust (the official archive).
+    row in channel-major (CHW) order. The pickle is read with an unpickler that only rebuilds
+    numpy arrays and plain data: a crafted batch that names any other global is refused before
+    it can run code.
 
     Returns:
         ``float32`` array ``(50000, 3, 32, 32)`` (test: 10000; ``limit``: the first ``limit``)
@@ -317,11 +355,21 @@ def load_celeba(path: str | Path, image_size: int = 64, limit: int | None = None
 
 
 def _open_image(image_lib, file: Path, expected: str, source: str):
+    """Decode ``file``, once its header says it fits in ``MAX_IMAGE_PIXELS`` (a header can claim
+    30000x30000 pixels in a few bytes: 2.7 GB decoded)."""
     try:
-        img = image_lib.open(file)
+        img = image_lib.open(file)  # reads the header only
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise _data_error(file, expected, source, f"the image claims {img.width}x{img.height} pixels, more "
+                              f"than the {MAX_IMAGE_PIXELS:,} sftrl decodes")
         img.load()
-    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-        raise _data_error(file, expected, source, f"cannot decode image ({err})") from err
+    except image_lib.DecompressionBombError as err:  # Pillow's own guard, at twice its default limit
+        raise _data_error(file, expected, source, f"the image claims more pixels than the {MAX_IMAGE_PIXELS:,} "
+                          f"sftrl decodes ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise _data_error(file, expected, source, f"cannot decode image ({err})") from err  # UnidentifiedImageError too
     return img
 
 

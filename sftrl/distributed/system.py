@@ -43,6 +43,7 @@ class ComponentActor:
             "ip": ray.util.get_node_ip_address(),
             "device": component_device(self.component),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "pid": os.getpid(),
         }
 
 
@@ -81,6 +82,15 @@ class RayHandle:
     def done(self, future: Any) -> bool:
         ready, _ = ray.wait([future], timeout=0)
         return bool(ready)
+
+    def wait(self, future: Any, timeout: float) -> bool:
+        ready, _ = ray.wait([future], timeout=timeout)
+        return bool(ready)
+
+    def restart(self) -> None:
+        # Ray kills the process (a stopped or deadlocked one too) and starts it again if its
+        # max_restarts allow; the calls it held fail with an actor error.
+        ray.kill(self.actor, no_restart=False)
 
     def placement(self) -> dict[str, Any]:
         return self.resolve(self.actor.placement.remote())

@@ -36,9 +36,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import os
 import pickle
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -50,6 +48,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
+
+from sftrl.files import torch_save_atomic
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -339,14 +339,7 @@ def digits_extractor(
         "heldout_accuracy": model.heldout_accuracy,
         "train_seconds": model.train_seconds,
     }
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, file)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    torch_save_atomic(payload, file)
     return model
 
 
