@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from sftrl.checkpoint import latest_checkpoint, load_checkpoint
-from sftrl.components import schedule_of
 from sftrl.config import Config, load
 from sftrl.data import load_real_data
 from sftrl.diffusion.schedules import make_schedule
@@ -38,6 +37,7 @@ from sftrl.evaluation import ImageEvalSettings, ImageEvaluator, extractor_cache_
 from sftrl.learner import sampler_state_dict
 from sftrl.metrics.fid import digits_extractor, fid_kid
 from sftrl.models import build_unet
+from sftrl.plan import Seeds, schedule_of
 from sftrl.pretraining import load_or_pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(cfg.torch_threads)
     real = load_real_data(cfg)  # (1797, 1, 8, 8) in [-1, 1]
     extractor = digits_extractor(extractor_cache_dir(cfg), image_size=real.shape[-1])
-    n, seed = cfg.trainer.eval_samples, cfg.seed + 12345  # the run's own evaluation protocol
+    n, seed = cfg.trainer.eval_samples, Seeds(cfg.seed).evaluation  # the run's own evaluation protocol
     T = cfg.diffusion.num_train_steps
 
     half = np.random.default_rng(0).permutation(len(real))

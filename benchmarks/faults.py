@@ -227,10 +227,13 @@ def fault_disk_full(work: Path, cache: str, tries: int) -> dict:
             proc = start(run_dir, ["ray.backend=local", "trainer.iterations=100000", "trainer.log_every=1",
                                    "trainer.eval_every=0", "trainer.checkpoint_every=5", f"pretrain.cache_dir={cache}"])
             wait_for(proc, logged(run_dir, 8 + 4 * k))
-            stats = os.statvfs(work / "disk")
             filler = work / "disk" / "filler"
             fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-            os.posix_fallocate(fd, 0, stats.f_bavail * stats.f_frsize)
+            for _ in range(1000):
+                if (free := os.statvfs(work / "disk").f_bavail * os.statvfs(work / "disk").f_frsize) == 0:
+                    break
+                with contextlib.suppress(OSError):  # the run writes meanwhile: take what is left
+                    os.posix_fallocate(fd, os.fstat(fd).st_size, free)
             os.close(fd)
             _, err = proc.communicate(timeout=120)
             said = error_lines(err)

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from sftrl.components import fresh_sampler, schedule_of
+from sftrl.components import fresh_sampler
 from sftrl.config import load
 from sftrl.data import fresh_data_fn, load_real_data
 from sftrl.diffusion.betas import make_betas
 from sftrl.evaluation import EvalSettings, ToyEvaluator
+from sftrl.plan import schedule_of
 from sftrl.pretraining import pretrain_sampler
 
 

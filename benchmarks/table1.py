@@ -54,10 +54,11 @@ from pathlib import Path
 
 import torch
 
-from sftrl.components import fresh_sampler, schedule_of
+from sftrl.components import fresh_sampler
 from sftrl.config import load
 from sftrl.data import fresh_data_fn, load_real_data
 from sftrl.evaluation import EvalSettings, ToyEvaluator
+from sftrl.plan import schedule_of
 from sftrl.pretraining import load_or_pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +144,7 @@ def ray_overhead(workdir: Path, cache_dir: str, repeats: int, config: Path = REP
     same work per iteration with rollouts one weights version behind (a different algorithm, so
     reported beside the sync ratio, not as it). ``extra_overrides`` apply to every variant (for
     example ``device=cuda`` and the actors' GPU shares)."""
-    from sftrl.run import Launch
+    from sftrl.launch import Launch
     from sftrl.tensorboard import TensorBoardLogger
     from sftrl.trainer import Trainer
 

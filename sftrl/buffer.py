@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sftrl.diffusion.step import trainable_steps
 from sftrl.weights import tensor_view
 
 
@@ -45,8 +46,8 @@ class TrajectoryBlock:
 
     @property
     def trainable_steps(self) -> np.ndarray:
-        """Indices k (into the S steps) of stochastic transitions."""
-        return np.nonzero(self.stds > 0)[0]
+        """Indices k (into the S steps) of stochastic transitions (``step.trainable_steps``)."""
+        return np.asarray(trainable_steps(self.stds), dtype=np.int64)
 
     @property
     def num_transitions(self) -> int:

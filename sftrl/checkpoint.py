@@ -7,16 +7,14 @@ holding the directory name of the newest complete checkpoint).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import threading
 from pathlib import Path
 
 import torch
 
 from sftrl.files import DiskFull, fsync_dir, fsync_file, out_of_space, torch_save
+from sftrl.signals import deferred
 
 CHECKPOINT_FORMAT = "sftrl-run-v1"
 STATE_FILE = "state.pt"
@@ -25,25 +23,6 @@ LATEST = "latest"
 
 class CheckpointError(ValueError):
     """A run checkpoint that is missing, corrupt or of another format."""
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """SIGINT/SIGTERM arriving in the block (a second Ctrl-C raises in the main thread) are
-    recorded and raised again once it is done. Python runs signal handlers in the main thread
-    only, so a block in another thread needs no deferral."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        for s in caught:
-            signal.raise_signal(s)
 
 
 def iteration_of(path: Path) -> int:
@@ -94,7 +73,7 @@ def save_checkpoint(run_dir: Path, iteration: int, state: dict, keep: int) -> Pa
             raise DiskFull(final / STATE_FILE, err) from err
         raise
     aside = root / f".{name}.old-{os.getpid()}"
-    with _signals_deferred():
+    with deferred():  # SIGINT/SIGTERM wait until the renames are done
         if final.exists():
             os.replace(final, aside)
         os.replace(tmp, final)
@@ -130,7 +109,7 @@ def load_latest_intact(run_dir: Path) -> tuple[Path, dict, list[str]]:
     """The newest checkpoint of a run that loads, its state, and a warning for each newer one
     that did not (a corrupt file is skipped loudly, never silently). Raises
     :class:`CheckpointError` when there is none, or none loads."""
-    warnings = []
+    warnings: list[str] = []
     candidates = checkpoints_newest_first(run_dir)
     for path in candidates:
         try:

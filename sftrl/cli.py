@@ -11,15 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_USER_ERROR = 2
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (``error: PROG: what; see PROG --help``) and
-    exit code 2, like every other user mistake, instead of the usage block and the error."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+from sftrl.errors import EXIT_USER_ERROR, USER_ERRORS, OneLineParser
 
 
 def _positive_int(text: str) -> int:
@@ -44,7 +36,7 @@ def _kappa(text: str) -> float:
 
 def _check_out(out: str) -> Path:
     """``--out``: a file that can be written (checked before any work)."""
-    from sftrl.run import check_can_write
+    from sftrl.preflight import check_can_write
 
     path = Path(out)
     check_can_write(path, "--out", directory=False)
@@ -80,8 +72,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     from sftrl.config import load
     from sftrl.data import load_real_data
     from sftrl.files import torch_save_atomic
+    from sftrl.preflight import check_cache_dir, resolve_config_path
     from sftrl.pretraining import data_fingerprint, load_or_pretrain, sampler_checkpoint
-    from sftrl.run import check_cache_dir, resolve_config_path
 
     cfg = load(resolve_config_path(args.config), args.overrides)
     out = _check_out(args.out) if args.out else None
@@ -111,11 +103,9 @@ def _load_run(run_dir: str, checkpoint: str | None):
     if not (run / "config.yaml").is_file():
         raise CheckpointError(f"'{run}' is not a run directory (no config.yaml)")
     cfg = load(run / "config.yaml")
-    if checkpoint:
-        path = Path(checkpoint)
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(run)
+    if checkpoint and path is not None:
         check_checkpoint_belongs(path, run, flag="--checkpoint")
-    else:
-        path = latest_checkpoint(run)
     if path is None:
         raise CheckpointError(f"run directory '{run}' has no checkpoint yet")
     state = load_checkpoint(path)
@@ -144,10 +134,10 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
 
     from sftrl.checkpoint import CheckpointError
-    from sftrl.components import schedule_of
     from sftrl.diffusion.step import sample
     from sftrl.evaluation import NonFiniteSamples, check_finite
     from sftrl.files import write_atomic
+    from sftrl.plan import schedule_of
     from sftrl.progress import Progress
 
     out = _check_out(args.out)
@@ -192,7 +182,7 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineParser:
     from sftrl.diffusion.schedules import SCHEDULE_NAMES
 
     parser = OneLineParser(prog="sftrl", description="Shortcut fine-tuning of diffusion samplers (SFT-PG) on Ray.")
@@ -239,15 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_main(argv[1:])
     args = build_parser().parse_args(argv)
     handlers = {"pretrain": _pretrain, "sample": _sample, "eval": _eval, "schedule": _schedule}
-    from sftrl.checkpoint import CheckpointError
-    from sftrl.configtools import ConfigError
     from sftrl.files import out_of_space
-    from sftrl.pretraining import SamplerCheckpointError
-    from sftrl.run import UsageError
 
     try:
         return handlers[args.command](args)
-    except (ConfigError, UsageError, CheckpointError, SamplerCheckpointError, ValueError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # `sftrl schedule ... | head`: the reader left; no traceback

@@ -13,9 +13,9 @@ from sftrl.buffer import ReplayBuffer
 from sftrl.config import Config
 from sftrl.critic import CriticLearner, TensorData
 from sftrl.data import load_real_data
-from sftrl.diffusion.schedules import SamplingSchedule, make_schedule
 from sftrl.learner import Learner
 from sftrl.models import build_networks
+from sftrl.plan import RunPlan, Seeds, worker_name
 from sftrl.rollout import RolloutWorker
 from sftrl.weights import NumpyState, load_numpy_state
 
@@ -41,21 +41,9 @@ def resolve_device(cfg: Config) -> str:
     return cfg.device
 
 
-def schedule_of(cfg: Config) -> SamplingSchedule:
-    d = cfg.diffusion
-    return make_schedule(
-        d.schedule,
-        d.steps,
-        num_train_steps=d.num_train_steps,
-        beta_schedule=d.beta_schedule,
-        kappa=d.kappa,
-        variance=d.variance,
-    )
-
-
-def _networks(cfg: Config, init: InitState, seed_offset: int):
+def _networks(cfg: Config, init: InitState):
     # Critic and baseline start from the same seeded init in every process.
-    torch.manual_seed(cfg.seed * 1_000_003 + seed_offset)
+    torch.manual_seed(Seeds(cfg.seed).networks)
     sampler, critic, baseline = build_networks(cfg, init.data_shape)
     if init.sampler_state is not None:
         load_numpy_state(sampler, init.sampler_state)
@@ -73,39 +61,40 @@ def fresh_sampler(cfg: Config, data_shape: tuple[int, ...]) -> torch.nn.Module:
 
 def make_rollout_worker(cfg: Config, init: InitState, index: int) -> RolloutWorker:
     torch.set_num_threads(cfg.torch_threads)
-    sampler, critic, _ = _networks(cfg, init, 0)
+    sampler, critic, _ = _networks(cfg, init)
+    plan = RunPlan.of(cfg)
     return RolloutWorker(
         sampler,
         critic,
-        schedule_of(cfg),
+        plan.schedule,
         init.data_shape,
         final_step_std=cfg.diffusion.final_step_std,
         reduction=cfg.diffusion.log_prob_reduction,
         device=resolve_device(cfg),
-        seed=cfg.seed * 7919 + 101,  # the same for every worker: a block's noise follows its id
-        worker_id=f"worker-{index}",
+        seed=plan.seeds.rollout_noise,  # the same for every worker: a block's noise follows its id
+        worker_id=worker_name(index),
     )
 
 
 def make_learner(cfg: Config, init: InitState) -> Learner:
     torch.set_num_threads(cfg.torch_threads)
-    sampler, critic, baseline = _networks(cfg, init, 0)
-    a = cfg.algo
+    sampler, critic, baseline = _networks(cfg, init)
+    a, plan = cfg.algo, RunPlan.of(cfg)
     return Learner(
         sampler,
         critic,
         baseline,
-        schedule_of(cfg),
+        plan.schedule,
         make_algorithm(a.name, a),
         lr=a.policy_lr,
         max_grad_norm=a.max_grad_norm,
-        batch_size=a.batch_size,
-        n_generator=a.n_generator,
+        batch_size=plan.batch_size,  # the size of the buffer's draws too: one route for both
+        n_generator=plan.n_generator,
         final_step_std=cfg.diffusion.final_step_std,
         reduction=cfg.diffusion.log_prob_reduction,
         data_shape=init.data_shape,
         device=resolve_device(cfg),
-        seed=cfg.seed * 7919 + 1,
+        seed=plan.seeds.learner,
         lr_decay_phases=cfg.trainer.iterations if a.policy_lr_decay == "linear" else None,
         ema_decay=a.ema_decay,
     )
@@ -114,7 +103,7 @@ def make_learner(cfg: Config, init: InitState) -> Learner:
 def make_critic_learner(cfg: Config, init: InitState, real_data: np.ndarray | None = None) -> CriticLearner:
     """The critic learner; loads the real data itself unless given (Ray actors load their own)."""
     torch.set_num_threads(cfg.torch_threads)
-    _, critic, baseline = _networks(cfg, init, 0)
+    _, critic, baseline = _networks(cfg, init)
     a = cfg.algo
     data = real_data if real_data is not None else load_real_data(cfg)
     return CriticLearner(
@@ -127,7 +116,7 @@ def make_critic_learner(cfg: Config, init: InitState, real_data: np.ndarray | No
         critic_lr=a.critic_lr,
         baseline_lr=a.baseline_lr,
         device=resolve_device(cfg),
-        seed=cfg.seed * 7919 + 2,
+        seed=Seeds(cfg.seed).critic,
     )
 
 

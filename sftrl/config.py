@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from sftrl.configtools import ConfigError, doc_field, load_config, override_key, short_repr, to_dict
+from sftrl.configtools import ConfigError, doc_field, load_config, to_dict
 
 TOY_DATASETS = ("swissroll", "moons", "gaussian")
 IMAGE_DATASETS = ("digits", "mnist", "cifar10", "celeba", "folder")
@@ -213,8 +213,9 @@ class Config:
         return self.data.name in TOY_DATASETS
 
     def validate(self) -> Config:
-        """Cross-field checks; raises ConfigError naming the key. Returns self for chaining."""
-        from sftrl.algos import ALGORITHMS
+        """The fields' own rules and the rules between them; raises ConfigError naming the key.
+        Returns self for chaining. (What needs the schedule or the algorithm registry is checked
+        where they are derived: ``RunPlan.of``.)"""
 
         def need(ok: bool, key: str, value, valid: str) -> None:
             if not ok:
@@ -271,7 +272,6 @@ class Config:
              "must be in [0, 1] (0: DDIM's deterministic step, 1: DDPM-like; above 1 a step would add more noise "
              "than the chain holds)")
         need(d.final_step_std >= 0, "diffusion.final_step_std", d.final_step_std, "must be >= 0")
-        need(a.name in ALGORITHMS, "algo.name", a.name, f"valid: {', '.join(sorted(ALGORITHMS))}")
         need(a.name != "sft" or a.critic_regulariser == "GP", "algo.critic_regulariser", a.critic_regulariser,
              "algorithm 'sft' (pathwise) needs a Lipschitz critic: use 'GP'")
         for key in ("n_critic", "n_generator", "batch_size", "ppo_epochs"):
@@ -282,19 +282,6 @@ class Config:
             need(getattr(a, key) >= 0, f"algo.{key}", getattr(a, key), "must be >= 0")
         need(a.critic_regulariser != "B" or a.lam > 0, "algo.lam", a.lam,
              "critic_regulariser 'B' trains the baseline through R_B alone (Eq. 23): lam must be > 0")
-        from sftrl.diffusion.schedules import make_schedule
-
-        schedule = make_schedule(d.schedule, d.steps, num_train_steps=d.num_train_steps, beta_schedule=d.beta_schedule,
-                                 kappa=d.kappa, variance=d.variance)
-        bad = [row["n"] for row in schedule.rows() if not all(math.isfinite(float(v)) for v in row.values())]
-        need(not bad, "diffusion.schedule", d.schedule,
-             f"its coefficients are not finite at step(s) n = {bad[:5]} with these diffusion.* settings")
-        if ALGORITHMS[a.name].data != "none" and d.final_step_std == 0:
-            sigma = schedule.sigma
-            kappa = f" with kappa = {d.kappa:g}" if d.schedule.startswith("fastdpm") else ""
-            need(any(float(s) > 0 for s in sigma), "diffusion.schedule", d.schedule,
-                 f"it has sigma = 0 at every step{kappa}, so {a.name!r} has no stochastic transition to learn "
-                 "from: set diffusion.final_step_std > 0 (the paper's image code: 0.001) or use a stochastic schedule")
         need(0 <= a.ema_decay < 1, "algo.ema_decay", a.ema_decay, "must be in [0, 1) (0: no average)")
         need(a.max_grad_norm is None or a.max_grad_norm > 0, "algo.max_grad_norm", a.max_grad_norm, "must be > 0 or null")
         need(t.iterations >= 1, "trainer.iterations", t.iterations, "must be >= 1")
@@ -346,30 +333,14 @@ class Config:
 
 
 def load(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    """Read ``path`` (YAML; None: defaults), apply ``key.sub=value`` overrides, validate."""
-    cfg = load_config(Config, path, overrides)
-    try:
-        return cfg.validate()
-    except ConfigError as err:
-        given = [o for o in overrides if override_key(o) == err.key] or _culprits(path, overrides, err.key)
-        if given:  # the value came from the command line, not from the file
-            raise err.with_context(f"override {short_repr(given[-1])}") from None
-        if path:
-            raise err.with_context(f"config file '{path}'") from None
-        raise
+    """Read ``path`` (YAML; None: defaults), apply ``key.sub=value`` overrides, check: the
+    fields (``Config.validate``) and what the run derives from them (``RunPlan.of``)."""
+    from sftrl.plan import RunPlan
 
+    def check(cfg: Config) -> None:
+        RunPlan.of(cfg.validate())
 
-def _culprits(path, overrides: Sequence[str], key: str | None) -> list[str]:
-    """The overrides without which a cross-field check on ``key`` passes (``algo.name=sft`` for
-    the file's ``algo.critic_regulariser: B``): the error is theirs, not the file's."""
-    def fails_without(dropped: str) -> bool:
-        try:
-            load_config(Config, path, [o for o in overrides if o != dropped]).validate()
-        except ConfigError as err:
-            return err.key == key
-        return False
-
-    return [o for o in overrides if not fails_without(o)]
+    return load_config(Config, path, overrides, check=check)
 
 
 def pretrain_key(cfg: Config) -> str:

@@ -35,7 +35,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, TypeVar, Union, get_args, get_origin
 
 import yaml
@@ -149,7 +149,7 @@ def doc_field(
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
+def _hints(cls: Any) -> dict[str, Any]:
     try:
         return typing.get_type_hints(cls)
     except (NameError, TypeError) as exc:
@@ -377,7 +377,7 @@ def _unknown_key_error(cls: type, key: Any, where: str) -> ConfigError:
     return ConfigError(f"unknown key '{dotted}' — {scope}: {', '.join(valid)}{hint}", key=dotted)
 
 
-def _build(cls: type[T], data: Mapping[Any, Any], where: str) -> T:
+def _build(cls: Any, data: Mapping[Any, Any], where: str) -> Any:
     hints = _hints(cls)
     fields = {f.name: f for f in _init_fields(cls)}
     for key in data:
@@ -388,7 +388,7 @@ def _build(cls: type[T], data: Mapping[Any, Any], where: str) -> T:
         key = _join(where, name)
         if name in data:
             kwargs[name] = _convert_keyed(hints[name], data[name], key, _choices(f))
-        elif f.default is _MISSING and f.default_factory is _MISSING:
+        elif f.default is _MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(
                 f"missing required key '{key}' — it must be {_describe(hints[name], _choices(f))}",
                 key=key,
@@ -658,23 +658,42 @@ def load_config(
     cls: type[T],
     path: str | os.PathLike[str] | None = None,
     overrides: Sequence[str] = (),
+    check: Callable[[T], object] | None = None,
 ) -> T:
-    """YAML file (optional) + overrides -> built ``cls`` tree; errors name their source.
+    """YAML file (optional) + overrides -> built ``cls`` tree, then ``check(tree)`` (cross-field
+    rules raising ``ConfigError``); every error names its source.
 
-    A value error is prefixed with ``override '...'`` when an override set that key,
-    otherwise with ``config file '...'``.  Does not call any ``validate()``.
+    An error is prefixed with ``override '...'`` when an override set its key, or when it is a
+    cross-field error that goes away without that override (``algo.name=sft`` for the file's
+    ``algo.critic_regulariser: B``); otherwise with ``config file '...'``. ``validate()``
+    methods are not called (``check`` may).
     """
-    data = load_yaml_file(path) if path is not None else {}
-    merged = apply_overrides(data, overrides, cls)
     try:
-        return from_dict(cls, merged)
+        built = from_dict(cls, apply_overrides(load_yaml_file(path) if path is not None else {}, overrides, cls))
+        if check is not None:
+            check(built)
+        return built
     except ConfigError as exc:
         source = _override_for(exc.key, overrides)
+        if source is None and check is not None and exc.key is not None:
+            culprits = [o for o in overrides if not _fails_without(cls, path, overrides, o, check, exc.key)]
+            source = culprits[-1] if culprits else None
         if source is not None:
             raise exc.with_context(f"override {short_repr(source)}") from None
         if path is not None:
             raise exc.with_context(f"config file '{os.fspath(path)}'") from None
         raise
+
+
+def _fails_without(cls: type[T], path, overrides: Sequence[str], dropped: str, check: Callable[[T], object],
+                   key: str) -> bool:
+    """Whether the config without the override ``dropped`` still fails a check on ``key``."""
+    try:
+        check(from_dict(cls, apply_overrides(load_yaml_file(path) if path is not None else {},
+                                             [o for o in overrides if o != dropped], cls)))
+    except ConfigError as err:
+        return err.key == key
+    return False
 
 
 # --------------------------------------------------------------------------- dumping
@@ -764,7 +783,7 @@ def _default_repr(value: Any) -> str:
 def _field_default(f: dataclasses.Field[Any]) -> str:
     if f.default is not _MISSING:
         return _default_repr(f.default)
-    if f.default_factory is not _MISSING:
+    if f.default_factory is not dataclasses.MISSING:
         return _default_repr(f.default_factory())
     return "required"
 
@@ -874,12 +893,12 @@ def _schema_problems(cls: type, prefix: str) -> list[str]:
         if choices is not None and str not in (tp, *get_args(tp)):
             problems.append(f"{name}: choices= only applies to str fields")
         section = _section_class(tp)
-        if section is tp and f.default_factory is _MISSING and f.default is _MISSING:
+        if section is tp and f.default_factory is dataclasses.MISSING and f.default is _MISSING:
             problems.append(f"{name}: a section needs default_factory={section.__qualname__}")
         if section is not None:
             problems.extend(_schema_problems(section, name))
-        elif not type_problems and (f.default is not _MISSING or f.default_factory is not _MISSING):
-            default = f.default if f.default is not _MISSING else f.default_factory()
+        elif not type_problems and (f.default is not _MISSING or f.default_factory is not dataclasses.MISSING):
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
             try:
                 _convert_keyed(tp, _to_plain(default), name, choices)
             except ConfigError as exc:

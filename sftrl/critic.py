@@ -12,7 +12,7 @@ from torch import nn
 from sftrl.algos import losses
 from sftrl.buffer import TrajectoryBlock
 from sftrl.optim import gradient_step
-from sftrl.weights import NumpyState, load_numpy_state, tensor_view, to_numpy_state
+from sftrl.weights import NumpyState, Weights, load_numpy_state, tensor_view, to_numpy_state
 
 Regulariser = Literal["B", "GP"]
 REGULARISERS: tuple[str, ...] = ("B", "GP")
@@ -78,7 +78,7 @@ class CriticLearner:
         """One update per block; returns one metrics dict per update."""
         return [self._update_one(block) for block in blocks]
 
-    def update_and_publish(self, *blocks: TrajectoryBlock) -> tuple[list[dict[str, float]], tuple]:
+    def update_and_publish(self, *blocks: TrajectoryBlock) -> tuple[list[dict[str, float]], Weights]:
         """One critic phase, then the new weights: ``(metrics, get_weights())``. The blocks are
         separate arguments (Ray resolves each reference); as two return values of one Ray call,
         the weights reach the learner without a trip through the driver."""
@@ -107,9 +107,9 @@ class CriticLearner:
         self.version += 1
         return metrics
 
-    def get_weights(self) -> tuple[int, dict[str, NumpyState]]:
-        """``(version, {"critic": ..., "baseline": ...})`` as numpy state dicts."""
-        return self.version, {"critic": to_numpy_state(self.critic), "baseline": to_numpy_state(self.baseline)}
+    def get_weights(self) -> Weights:
+        """``{"critic": ..., "baseline": ...}`` as numpy state dicts, with their version."""
+        return Weights(self.version, {"critic": to_numpy_state(self.critic), "baseline": to_numpy_state(self.baseline)})
 
     def state_dict(self) -> dict:
         return {

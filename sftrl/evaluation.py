@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -159,14 +160,14 @@ class ImageEvaluator:
         return check_finite(x.cpu().numpy())
 
     def evaluate(self, weights: NumpyState | None) -> dict[str, float | str]:
-        from sftrl.metrics.fid import fid_kid
+        from sftrl.metrics.fid import FeatureExtractor, fid_kid
 
         s = self.settings
         fake = self.sample(weights, s.num_samples, s.seed)  # (N, C, H, W)
         result = fid_kid(
             self.real_images,
             fake,
-            self.extractor,
+            cast(FeatureExtractor, self.extractor),  # an nn.Module with a name and num_features
             kid_subset_size=s.kid_subset_size,
             batch_size=s.batch_size,
             seed=s.seed,
@@ -225,9 +226,10 @@ def choose_extractor(cfg, data_shape: tuple[int, ...]) -> tuple[nn.Module | None
 
 def build_image_evaluator(cfg, init):
     """:class:`ImageEvaluator` for ``cfg``, or :class:`SkippedImageEvaluator` saying why not."""
-    from sftrl.components import resolve_device, schedule_of
+    from sftrl.components import resolve_device
     from sftrl.data import load_real_data
     from sftrl.models import build_unet
+    from sftrl.plan import Seeds, schedule_of
 
     extractor, reason = choose_extractor(cfg, init.data_shape)
     if extractor is None:
@@ -239,20 +241,20 @@ def build_image_evaluator(cfg, init):
     sampler = build_unet(cfg, init.data_shape)
     if init.sampler_state is not None:
         load_numpy_state(sampler, init.sampler_state)
-    settings = ImageEvalSettings(num_samples=cfg.trainer.eval_samples, seed=cfg.seed + 12345)
+    settings = ImageEvalSettings(num_samples=cfg.trainer.eval_samples, seed=Seeds(cfg.seed).evaluation)
     return ImageEvaluator(sampler, schedule_of(cfg), real, extractor, settings, device=resolve_device(cfg))
 
 
 def build_evaluator(cfg, init):
     """The evaluator for ``cfg``'s data: SW2 for 2-D sets, FID/KID (or the reason why not) for
     images. ``evaluator.evaluate(weights) -> dict``."""
-    from sftrl.components import schedule_of
     from sftrl.data import fresh_data_fn
     from sftrl.models import build_networks
+    from sftrl.plan import Seeds, schedule_of
 
     if not cfg.is_toy:
         return build_image_evaluator(cfg, init)
     sampler, _, _ = build_networks(cfg, init.data_shape)
     t = cfg.trainer
-    settings = EvalSettings(t.eval_samples, t.eval_draws, t.exact_w2_points, seed=cfg.seed + 12345)
+    settings = EvalSettings(t.eval_samples, t.eval_draws, t.exact_w2_points, seed=Seeds(cfg.seed).evaluation)
     return ToyEvaluator(sampler, schedule_of(cfg), fresh_data_fn(cfg), init.data_shape, settings)

@@ -19,13 +19,14 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any, TypeGuard, cast
 
 # ENOSPC: the file system is full; EDQUOT: the user's quota is; EFBIG: the file would pass the
 # process's file-size limit (``ulimit -f``) or the file system's largest file.
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def out_of_space(err: BaseException) -> bool:
+def out_of_space(err: BaseException | None) -> TypeGuard[OSError]:
     """Whether ``err`` says the disk (or a quota, or a file-size limit) is full."""
     return isinstance(err, OSError) and err.errno in OUT_OF_SPACE
 
@@ -106,14 +107,14 @@ class _WriteRecorder(io.RawIOBase):
     """A file that remembers the ``OSError`` its writes raised (torch turns it into a
     RuntimeError that no longer says the disk is full)."""
 
-    def __init__(self, file):
+    def __init__(self, file: IO[bytes]):
         self.file = file
         self.error: OSError | None = None
 
     def writable(self) -> bool:
         return True
 
-    def write(self, data) -> int:
+    def write(self, data: Any) -> int:
         try:
             return self.file.write(data)
         except OSError as err:
@@ -121,20 +122,20 @@ class _WriteRecorder(io.RawIOBase):
             raise
 
 
-def torch_save(obj, path: str | os.PathLike) -> None:
+def torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)``, except that a full disk raises its ``OSError``."""
     import torch
 
     with open(path, "wb") as f:
         sink = _WriteRecorder(f)
         try:
-            torch.save(obj, sink)
+            torch.save(obj, cast(IO[bytes], sink))
         except RuntimeError:
             if sink.error is not None:
                 raise sink.error from None
             raise
 
 
-def torch_save_atomic(obj, path: str | os.PathLike) -> Path:
+def torch_save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` through :func:`write_atomic`."""
     return write_atomic(path, lambda tmp: torch_save(obj, tmp))

@@ -1,15 +1,18 @@
 """The one place where "local object or Ray actor" is decided.
 
-The trainer talks to every component through a ``Handle``: ``call(method, *args)`` returns a
-future and ``resolve(futures)`` waits for them. A ``LocalHandle`` runs the method at once on a
-plain object (its futures are the values); ``sftrl.distributed`` provides the Ray handle, whose
-futures are object references that can be passed straight into other calls without a copy
-through the driver.
+Every component is reached through a ``Handle``: ``call(Class.method, *args)`` runs that method of
+the component and returns a future, ``resolve(futures)`` waits for them. The method is named by
+the function itself (``Learner.update_and_publish``), never by a string, so every call can be
+followed to its code; the typed clients of ``sftrl.clients`` make those calls. A
+``LocalHandle`` runs the method at once on a plain object (its futures are the values);
+``sftrl.distributed`` provides the Ray handle, whose futures are object references that can be
+passed straight into other calls without a copy through the driver.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, Protocol
 
 
@@ -28,7 +31,7 @@ class ResourceError(ValueError):
 class Handle(Protocol):
     name: str
 
-    def call(self, method: str, *args: Any, num_returns: int = 1) -> Any: ...
+    def call(self, method: Callable[..., Any], *args: Any, num_returns: int = 1) -> Any: ...
 
     def resolve(self, futures: Any) -> Any: ...
 
@@ -58,12 +61,12 @@ class LocalHandle:
         self.obj = obj
         self.name = name
 
-    def call(self, method: str, *args: Any, num_returns: int = 1) -> Any:
-        result = getattr(self.obj, method)(*args)
+    def call(self, method: Callable[..., Any], *args: Any, num_returns: int = 1) -> Any:
+        result = getattr(self.obj, method.__name__)(*args)  # by name: a subclass's override runs
         if num_returns != 1:
             result = list(result)
             if len(result) != num_returns:
-                raise RuntimeError(f"{self.name}.{method} returned {len(result)} values, expected {num_returns}")
+                raise RuntimeError(f"{self.name}.{method.__name__} returned {len(result)} values, expected {num_returns}")
         return result
 
     def resolve(self, futures: Any) -> Any:

@@ -12,7 +12,7 @@ from sftrl.algos.base import PolicyAlgorithm, PolicyContext
 from sftrl.buffer import TransitionBatch
 from sftrl.diffusion.schedules import SamplingSchedule
 from sftrl.diffusion.step import Reduction
-from sftrl.weights import NumpyState, load_numpy_state, to_numpy_state
+from sftrl.weights import Weights, load_numpy_state, to_numpy_state
 
 
 def sampler_state_dict(learner_state: dict) -> dict:
@@ -97,25 +97,23 @@ class Learner:
         self.version = 0
         self.critic_version = -1
 
-    def get_weights(self) -> tuple[int, NumpyState]:
-        """``(version, policy state)`` as numpy arrays: what the rollout workers run."""
-        return self.version, to_numpy_state(self.policy)
+    def get_weights(self) -> Weights:
+        """theta as numpy arrays, with its version: what the rollout workers run."""
+        return Weights(self.version, to_numpy_state(self.policy))
 
-    def get_sampler_weights(self) -> tuple[int, NumpyState]:
-        """``(version, state)`` of the sampler to evaluate and ship: the EMA if kept, else theta."""
-        return self.version, to_numpy_state(self.ema.module if self.ema is not None else self.policy)
+    def get_sampler_weights(self) -> Weights:
+        """The sampler to evaluate and ship: the EMA if kept, else theta."""
+        return Weights(self.version, to_numpy_state(self.ema.module if self.ema is not None else self.policy))
 
-    def set_critic_weights(self, version: int, states: dict[str, NumpyState]) -> None:
-        if version != self.critic_version:
-            load_numpy_state(self.ctx.critic, states["critic"])
-            load_numpy_state(self.ctx.baseline, states["baseline"])
-            self.critic_version = version
+    def set_critic_weights(self, critic: Weights) -> None:
+        if critic.version != self.critic_version:
+            load_numpy_state(self.ctx.critic, critic.state["critic"])
+            load_numpy_state(self.ctx.baseline, critic.state["baseline"])
+            self.critic_version = critic.version
 
-    def update_policy(
-        self, data: TransitionBatch | None, critic_weights: tuple[int, dict[str, NumpyState]]
-    ) -> list[dict[str, float]]:
+    def update_policy(self, data: TransitionBatch | None, critic: Weights) -> list[dict[str, float]]:
         """One generator phase with the given critic version; returns per-step metrics."""
-        self.set_critic_weights(*critic_weights)
+        self.set_critic_weights(critic)
         self.ctx.version = self.version
         metrics = self.algorithm.update(self.ctx, data)
         self.version += 1
@@ -125,12 +123,10 @@ class Learner:
             self.lr_schedule.step()
         return metrics
 
-    def update_and_publish(
-        self, data: TransitionBatch | None, critic_weights: tuple[int, dict[str, NumpyState]]
-    ) -> tuple[list[dict[str, float]], tuple[int, NumpyState]]:
+    def update_and_publish(self, data: TransitionBatch | None, critic: Weights) -> tuple[list[dict[str, float]], Weights]:
         """One generator phase, then the new weights: ``(metrics, get_weights())`` (the next
         iteration's rollouts take them straight from this call)."""
-        return self.update_policy(data, critic_weights), self.get_weights()
+        return self.update_policy(data, critic), self.get_weights()
 
     def state_dict(self) -> dict:
         return {

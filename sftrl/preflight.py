@@ -1,20 +1,87 @@
-"""Checks a command makes before any work, on what the config alone cannot tell.
+"""Checks a command makes before any work: on places to write, the config file, the cache, and
+what the config alone cannot tell (the networks, the memory).
 
-Each raises a ``ValueError`` with a one-line message naming the settings to change (the commands
-turn it into ``error: ...`` and exit code 2).
+Each raises a ``UsageError`` (or another ``ValueError``) with a one-line message naming what to
+change; the commands turn it into ``error: ...`` and exit code 2.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
+import sftrl
 from sftrl.config import Config
+from sftrl.errors import UsageError
 
+NAME_MAX = 255  # bytes in one file or directory name (Linux, macOS)
 # Bytes a float32 parameter costs while training, summed over the copies a run keeps: the
 # weights, their gradient, Adam's two moments, the moving average, and the published copies.
 BYTES_PER_PARAMETER = 4 * 8
+
+
+def resolve_config_path(path: str) -> Path:
+    """``path`` as given, else relative to the installed package's ``configs/`` (for
+    ``ray job submit -- python -m sftrl.run configs/x.yaml`` from any working directory)."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    if given.is_dir():
+        raise UsageError(f"config '{path}' is a directory: give a YAML file in it, e.g. {given / 'swissroll.yaml'}")
+    packaged = Path(sftrl.__file__).resolve().parent / "configs"  # in the source tree, a link to configs/
+    candidate = packaged / given.name
+    if candidate.is_file():
+        return candidate
+    raise UsageError(f"config file '{path}' not found (looked in the working directory and in {packaged})")
+
+
+def check_not_under_a_file(path: Path, flag: str) -> None:
+    """No file stands where ``path``'s parent directories would go."""
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"{flag} '{path}': '{parent}' is a file, not a directory")
+
+
+def check_can_write(path: Path, flag: str, *, directory: bool) -> None:
+    """``path`` (a ``directory`` to use, else a file to write) is of that kind if it exists and can
+    be made where it is asked for. The nearest existing directory is tried with a probe directory,
+    removed at once (permissions alone say nothing for root, nor for /proc or a read-only mount)."""
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise UsageError(f"{flag} '{str(path)[:60]}...': the name '{part[:40]}...' is {len(os.fsencode(part))} "
+                             f"bytes long, more than the {NAME_MAX} file systems take")
+    if directory and path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} '{path}' is a file, not a directory")
+    if not directory and path.is_dir():
+        raise UsageError(f"{flag} '{path}' is a directory: give a file path")
+    check_not_under_a_file(path, flag)
+    place = next(p for p in [path, *path.parents] if p.is_dir())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".sftrl-probe-", dir=place))
+    except OSError as err:
+        raise UsageError(f"{flag} '{path}': cannot write in '{place}' ({err.strerror or err})") from None
+
+
+def check_cache_dir(cfg: Config, fingerprint: str | None) -> None:
+    """Where a sampler will be pretrained, its cache must take it (a cached one is only read).
+    ``fingerprint``: the data's (``data_fingerprint``), None when ``model.checkpoint`` is set."""
+    from sftrl.pretraining import cache_path
+
+    if fingerprint is not None and not cache_path(cfg, fingerprint).is_file():
+        check_can_write(Path(cfg.pretrain.cache_dir).expanduser(), "pretrain.cache_dir", directory=True)
+
+
+def warn_if_in_a_job_copy(run_dir: Path) -> None:
+    """``ray job submit --working-dir .`` runs the command in Ray's unpacked copy of that
+    directory, which goes with the Ray session: a relative run directory would go with it."""
+    cwd = Path.cwd()
+    if not run_dir.is_absolute() and "working_dir_files" in cwd.parts:  # .../runtime_resources/working_dir_files/_ray_pkg_*
+        print(f"warning: this job runs in Ray's copy of its --working-dir ({cwd}); the run directory '{run_dir}' "
+              "goes with the Ray session: pass --run-dir with an absolute path to keep it", file=sys.stderr)
 
 
 def physical_memory_bytes() -> int | None:
@@ -34,11 +101,11 @@ def check_networks(cfg: Config, data_shape: tuple[int, ...]) -> int:
         with torch.device("meta"):
             networks = build_networks(cfg, tuple(data_shape))
     except ValueError as err:
-        raise ValueError(f"model.*: the networks cannot be built for data of shape {tuple(data_shape)}: {err}") from None
+        raise UsageError(f"model.*: the networks cannot be built for data of shape {tuple(data_shape)}: {err}") from None
     count = sum(p.numel() for net in networks for p in net.parameters())
     have = physical_memory_bytes()
     if have is not None and count * BYTES_PER_PARAMETER > have:
-        raise ValueError(
+        raise UsageError(
             f"model.*: the sampler, critic and baseline have {count:,} parameters, about "
             f"{count * BYTES_PER_PARAMETER / 2**30:.0f} GiB to train, more than this machine's "
             f"{have / 2**30:.0f} GiB: lower model.hidden, the widths or the U-Net's channels"

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,26 +78,26 @@ def pretrain_sampler(
     """
     if len(data) == 0:
         raise PretrainingFailed("pretraining needs training data, and the data set holds no samples (check data.*)")
-    device = torch.device(device)
-    model = model.to(device).train()
-    x = torch.as_tensor(data, dtype=torch.float32, device=device)
-    abar = torch.as_tensor(alphas_cumprod(betas), dtype=torch.float32, device=device)
+    where = torch.device(device)
+    model = model.to(where).train()
+    x = torch.as_tensor(data, dtype=torch.float32, device=where)
+    abar = torch.as_tensor(alphas_cumprod(betas), dtype=torch.float32, device=where)
     num_train_steps = len(betas)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=lr, foreach=True)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=where).manual_seed(seed)
     params = list(model.parameters())
     ema = [p.detach().clone() for p in params] if ema_decay is not None else None
     steps = 0
-    history = []
+    history: list[float] = []
     with Progress(epochs, "pretrain", unit="epoch", enabled=progress) as bar:
         for _ in range(epochs):
             if stop is not None and stop.is_set():
                 raise PretrainingStopped(f"pretraining stopped after {len(history)} of {epochs} epochs")
-            perm = torch.randperm(len(x), generator=generator, device=device)
+            perm = torch.randperm(len(x), generator=generator, device=where)
             # One draw of timesteps and noise per epoch: fewer small RNG calls per step.
-            t_all = torch.randint(num_train_steps, (len(x),), generator=generator, device=device)
-            noise_all = torch.randn(x.shape, generator=generator, device=device)
-            total = torch.zeros((), device=device)
+            t_all = torch.randint(num_train_steps, (len(x),), generator=generator, device=where)
+            noise_all = torch.randn(x.shape, generator=generator, device=where)
+            total = torch.zeros((), device=where)
             for start in range(0, len(x), batch_size):
                 idx = perm[start : start + batch_size]
                 loss = eps_mse(model, x[idx], abar, t_all[start : start + batch_size], noise_all[idx])
@@ -104,7 +105,7 @@ def pretrain_sampler(
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
                 optimizer.step()
-                if ema is not None:
+                if ema is not None and ema_decay is not None:
                     decay = min(ema_decay, (1 + steps) / (10 + steps))
                     for average, p in zip(ema, params):
                         average.lerp_(p.detach(), 1.0 - decay)
@@ -142,7 +143,7 @@ def unet_architecture(cfg: Config) -> dict:
 
 def model_signature(cfg: Config) -> dict:
     """What a sampler checkpoint must agree on with ``cfg`` to be loaded into its network."""
-    signature = {"sampler": cfg.model.sampler, "num_train_steps": cfg.diffusion.num_train_steps,
+    signature: dict[str, Any] = {"sampler": cfg.model.sampler, "num_train_steps": cfg.diffusion.num_train_steps,
                  "beta_schedule": cfg.diffusion.beta_schedule}  # the noise levels its eps-prediction learned
     if cfg.model.sampler == "unet":
         signature["unet"] = unet_architecture(cfg)
@@ -278,7 +279,7 @@ def data_fingerprint(data: np.ndarray) -> str:
     the cache key the config cannot give, since the files at ``data.path`` may change."""
     array = np.ascontiguousarray(data)
     digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
-    digest.update(memoryview(array).cast("B"))
+    digest.update(array.view(np.uint8).data)  # the bytes as they are, no copy
     return digest.hexdigest()[:16]
 
 

@@ -96,16 +96,17 @@ def make_pictures(run_dir: Path, cfg: Config, init, trainer, data, tensorboard=N
     import torch
 
     from sftrl import pictures
-    from sftrl.components import resolve_device, schedule_of
+    from sftrl.components import resolve_device
     from sftrl.diffusion.step import rollout
     from sftrl.models import build_networks
+    from sftrl.plan import schedule_of
     from sftrl.weights import load_numpy_state
 
     out: dict[str, str] = {}
     out["training curves"] = pictures.training_curves(trainer.log.read(), run_dir / "curves.png").name
     device = resolve_device(cfg)  # a U-Net's chains take minutes on a CPU, seconds on a GPU
     tables = schedule_of(cfg).tables(device)
-    version, tuned_state = trainer.system.learner.resolve(trainer.system.learner.call("get_sampler_weights"))
+    tuned_state = trainer.system.learner.resolve(trainer.system.learner.get_sampler_weights()).state
 
     def chains(state, n):
         sampler, _, _ = build_networks(cfg, init.data_shape)
@@ -164,7 +165,7 @@ def write_report(
     rows = evaluation_rows(trainer.evaluations)
     iterations = trainer.iteration
     ran = iterations - first_iteration  # in this command
-    chains_ran = ran * cfg.algo.n_critic * cfg.algo.batch_size
+    chains_ran = ran * trainer.plan.chains_per_iteration
     commands = command_history(run_dir, first_iteration, iterations, wall_s)
     report = {
         "name": cfg.name,

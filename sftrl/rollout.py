@@ -13,7 +13,7 @@ from torch import nn
 from sftrl.buffer import TrajectoryBlock
 from sftrl.diffusion.schedules import SamplingSchedule
 from sftrl.diffusion.step import Reduction, denoise_step
-from sftrl.weights import NumpyState, load_numpy_state
+from sftrl.weights import NumpyState, Weights, load_numpy_state
 from sftrl_envs.denoising import DenoisingChainVectorEnv
 
 
@@ -76,13 +76,7 @@ class RolloutWorker:
     def _reward(self, x_0: torch.Tensor) -> torch.Tensor:
         return self.critic(x_0)
 
-    def collect(
-        self,
-        policy_weights: tuple[int, NumpyState],
-        critic_weights: tuple[int, dict[str, NumpyState]],
-        block_ids: list[str],
-        chains_per_block: int,
-    ) -> tuple:
+    def collect(self, policy: Weights, critic: Weights, block_ids: list[str], chains_per_block: int) -> tuple:
         """Pull the given weights versions, roll out, and return ``(*blocks, summary)``.
 
         One return value per block (with Ray's ``num_returns = len(block_ids) + 1`` each block is
@@ -91,8 +85,8 @@ class RolloutWorker:
         took (the driver's watch on hung workers) and how many chains ended non-finite.
         """
         start = time.perf_counter()
-        self.set_policy_weights(policy_weights[1], policy_weights[0])
-        self.set_critic_weights(critic_weights[1]["critic"], critic_weights[0])
+        self.set_policy_weights(policy.state, policy.version)
+        self.set_critic_weights(critic.state["critic"], critic.version)
         blocks = self.rollout(len(block_ids), chains_per_block, block_ids)
         rewards = np.concatenate([b.rewards for b in blocks])
         summary = {

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -12,12 +12,15 @@ from torch import nn
 NumpyState = dict[str, np.ndarray]
 
 
-@dataclasses.dataclass(frozen=True)
-class Weights:
-    """One published weights version of one or more networks (name -> numpy state dict)."""
+class Weights(NamedTuple):
+    """One published version of a component's weights, as it travels between components.
+
+    ``state``: the learner's is the sampler's numpy state dict; the critic's is
+    ``{"critic": ..., "baseline": ...}``, one numpy state dict each.
+    """
 
     version: int
-    states: dict[str, NumpyState]
+    state: Any
 
 
 def to_numpy_state(module: nn.Module) -> NumpyState:

@@ -13,7 +13,8 @@ from conftest import REPO
 from sftrl import checkpoint as ckpt
 from sftrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from sftrl.config import load
-from sftrl.trainer import Trainer, build_local_system
+from sftrl.system import build_local_system
+from sftrl.trainer import Trainer
 
 
 def test_resaving_an_iteration_replaces_it_and_keeps_the_others(tmp_path):

@@ -23,7 +23,7 @@ from sftrl.learner import Learner, sampler_state_dict
 from sftrl.metrics.wasserstein import sliced_w2
 from sftrl.models.toy import ToyBaseline, ToyCritic, ToySampler
 from sftrl.rollout import RolloutWorker
-from sftrl.weights import to_numpy_state
+from sftrl.weights import Weights, to_numpy_state
 
 torch.set_num_threads(1)
 
@@ -494,10 +494,7 @@ def _learner_setup(
         seed=seed,
         ema_decay=ema_decay,
     )
-    published = (
-        5,
-        {"critic": to_numpy_state(pub_critic), "baseline": to_numpy_state(pub_baseline)},
-    )
+    published = Weights(5, {"critic": to_numpy_state(pub_critic), "baseline": to_numpy_state(pub_baseline)})
     return learner, buf, policy, pub_critic, pub_baseline, published, schedule.tables()
 
 

@@ -33,7 +33,8 @@ from sftrl.config import load
 from sftrl.files import DiskFull
 from sftrl.run import main as run_main
 from sftrl.runlog import MetricsLog
-from sftrl.trainer import NonFiniteError, Trainer, build_local_system
+from sftrl.system import build_local_system
+from sftrl.trainer import NonFiniteError, Trainer
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 
@@ -116,12 +117,15 @@ def small_disk(where: Path, size: str = "8m"):
 
 
 def _fill(disk: Path) -> Path:
-    """Take every free byte of ``disk``."""
-    stats = os.statvfs(disk)
+    """Take every free byte of ``disk`` (the run goes on writing meanwhile: take what is left)."""
     filler = disk / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
     try:
-        os.posix_fallocate(fd, 0, stats.f_bavail * stats.f_frsize)
+        for _ in range(1000):
+            if (free := os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize) == 0:
+                break
+            with contextlib.suppress(OSError):
+                os.posix_fallocate(fd, os.fstat(fd).st_size, free)
     finally:
         os.close(fd)
     return filler
@@ -403,7 +407,7 @@ def test_a_sampler_that_turns_non_finite_is_stopped_by_the_guard(tmp_path):
     trainer.step()
     saved = trainer.checkpoint()
     with torch.no_grad():
-        for p in system.learner.obj.policy.parameters():
+        for p in system.learner.handle.obj.policy.parameters():
             p.fill_(float("nan"))  # the weights the next update publishes
     with pytest.raises(NonFiniteError, match="rollout blocks with non-finite chains in a row"):
         for _ in range(4):
@@ -471,7 +475,7 @@ def test_a_hung_rollout_worker_is_restarted_and_its_blocks_collected_elsewhere(l
     events = [e["event"] for e in trainer.events]
     assert "worker_hung" in events and "worker_lost" in events
     assert trainer.counters["blocks"] == 6 * 4  # every block exactly once
-    assert system.buffer.resolve(system.buffer.call("state"))["blocks_added"] == 6 * 4
+    assert system.buffer.resolve(system.buffer.state())["blocks_added"] == 6 * 4
     system.shutdown()
 
 

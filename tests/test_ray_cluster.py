@@ -37,14 +37,14 @@ def test_trainer_places_rollout_workers_on_both_nodes(tmp_path):
         sampler, _, _ = build_networks(cfg, data.shape[1:])
         init = InitState(to_numpy_state(sampler), tuple(data.shape[1:]))
         system = build_ray_system(cfg, init)
-        nodes = {worker.node_id() for worker in system.workers}
+        nodes = {worker.handle.node_id() for worker in system.workers}
         assert len(nodes) == 2, "each rollout worker (1 CPU) must land on its own node"
         trainer = Trainer(cfg, system, tmp_path, progress=False)
         for _ in range(3):
             metrics = trainer.step()
         assert trainer.counters["blocks"] == 3 * cfg.algo.n_critic
         assert metrics["critic/ipm_gap"] == metrics["critic/ipm_gap"]  # a real number, not NaN
-        version, _ = ray.get(system.learner.call("get_weights"))
+        version, _ = ray.get(system.learner.get_weights())
         assert version == 3
         system.shutdown()
     finally:

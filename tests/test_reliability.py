@@ -23,16 +23,10 @@ from sftrl.data import load_real_data
 from sftrl.distributed import build_ray_system
 from sftrl.handles import ComponentLost
 from sftrl.models import build_networks
+from sftrl.rollout_pool import RolloutCall, Rollouts
 from sftrl.run import main as run_main
-from sftrl.trainer import (
-    NonFiniteError,
-    Pending,
-    RolloutCall,
-    Rollouts,
-    System,
-    Trainer,
-    build_local_system,
-)
+from sftrl.system import System, build_local_system
+from sftrl.trainer import NonFiniteError, Pending, Trainer
 from sftrl.weights import to_numpy_state
 
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -132,13 +126,13 @@ def test_killed_rollout_worker_is_restarted_and_no_block_is_lost_or_doubled(loca
     init, _ = _init(cfg)
     system = build_ray_system(cfg, init)
     trainer = Trainer(cfg, system, tmp_path, progress=False)
-    victim = system.workers[0]
+    victim = system.workers[0].handle
     original_call = victim.call
     killed = []
 
     def call_then_kill(method, *args, **kwargs):
         out = original_call(method, *args, **kwargs)
-        if method == "collect" and args[2][0].startswith("it3/") and not killed:
+        if method.__name__ == "collect" and args[2][0].startswith("it3/") and not killed:
             ray.kill(victim.actor, no_restart=False)  # dies while its collect is pending
             killed.append(True)
         return out
@@ -149,14 +143,13 @@ def test_killed_rollout_worker_is_restarted_and_no_block_is_lost_or_doubled(loca
     assert trainer.counters["worker_failures"] >= 1
     assert trainer.counters["blocks"] == 5 * 4
     assert trainer.counters["chains"] == 5 * 4 * cfg.algo.batch_size
-    buffer_state = ray.get(system.buffer.call("state"))
+    buffer_state = ray.get(system.buffer.state())
     assert buffer_state["blocks_added"] == 5 * 4  # each block id exactly once
-    assert ray.get(system.learner.call("get_weights"))[0] == 5
+    assert ray.get(system.learner.get_weights())[0] == 5
     assert np.isfinite(metrics["critic/ipm_gap"])
     # the restarted worker pulled the current weights and keeps working (once its restart is over)
     _wait_until_alive(victim)
-    out = victim.call("collect", system.learner.call("get_weights"), system.critic.call("get_weights"), ["x/0"], 8,
-                      num_returns=2)
+    out = system.workers[0].collect(system.learner.get_weights(), system.critic.get_weights(), ["x/0"], 8)
     assert ray.get(out[-1])["policy_version"] == 5
     system.shutdown()
 
@@ -173,8 +166,8 @@ class StubHandle:
         self.calls: list[tuple[str, tuple]] = []
 
     def call(self, method, *args, num_returns=1):
-        self.calls.append((method, args))
-        out = [LOST if self.dead else f"{self.name}.{method}.{len(self.calls)}.{k}" for k in range(num_returns)]
+        self.calls.append((method.__name__, args))
+        out = [LOST if self.dead else f"{self.name}.{method.__name__}.{len(self.calls)}.{k}" for k in range(num_returns)]
         return out if num_returns > 1 else out[0]
 
     def probe(self):
@@ -198,31 +191,32 @@ def test_recovery_keeps_what_a_dying_worker_delivered_and_counts_its_death_once(
     again (of worker 1, which delivered), and the death counts once though it fails two iterations."""
     w0, w1, buffer, learner, critic = (StubHandle(n) for n in ("worker-0", "worker-1", "buffer", "learner", "critic"))
     cfg = load(SMOKE, ["ray.backend=local"])
-    trainer = Trainer(cfg, System([w0, w1], buffer, learner, critic, "stub"), tmp_path, progress=False)
-    trainer._calls_made = {"worker-0": 3, "worker-1": 2}
-    failed_policy = Pending(learner, LOST, None)  # the learner's call never ran: its input failed
+    trainer = Trainer(cfg, System.of([w0, w1], buffer, learner, critic, "stub"), tmp_path, progress=False)
+    trainer.pool.calls_made = {"worker-0": 3, "worker-1": 2}
+    c0, c1 = trainer.system.workers  # the trainer's clients of the two stub workers
+    failed_policy = Pending(LOST, None)  # the learner's call never ran: its input failed
 
     it0 = Rollouts(["it0/b0", "it0/b1", "it0/b2"], "theta0", "critic0", 0, [
-        RolloutCall(w0, ["it0/b0"], ["block-a", {"ok": 1}], 1),
-        RolloutCall(w0, ["it0/b1"], ["block-b", LOST], 2),
-        RolloutCall(w1, ["it0/b2"], ["block-c", {"ok": 1}], 1),
+        RolloutCall(c0, ["it0/b0"], ["block-a", {"ok": 1}], 1),
+        RolloutCall(c0, ["it0/b1"], ["block-b", LOST], 2),
+        RolloutCall(c1, ["it0/b2"], ["block-c", {"ok": 1}], 1),
     ])
     delivered = list(it0.calls[::2])
-    trainer._recover(it0, failed_policy)
+    trainer.recover(it0, failed_policy)
     assert it0.calls[:2] == delivered  # worker 0's first block stays
     (resent,) = it0.calls[2:]
-    assert resent.worker is w1 and resent.ids == ["it0/b1"] and resent.seq == 3
+    assert resent.worker is c1 and resent.ids == ["it0/b1"] and resent.seq == 3
     assert w1.calls == [("collect", ("theta0", "critic0", ["it0/b1"], cfg.algo.batch_size))]
     assert it0.blocks()[0] == "block-a" and it0.blocks()[2] == "block-c"
     assert ("discard", (it0.ids,)) in buffer.calls
     assert trainer.counters["worker_failures"] == 1
 
     it1 = Rollouts(["it1/b0", "it1/b1"], "theta0", "critic0", 0, [
-        RolloutCall(w0, ["it1/b0"], ["block-d", LOST], 3),  # queued before the death was seen
-        RolloutCall(w1, ["it1/b1"], ["block-e", {"ok": 1}], 2),
+        RolloutCall(c0, ["it1/b0"], ["block-d", LOST], 3),  # queued before the death was seen
+        RolloutCall(c1, ["it1/b1"], ["block-e", {"ok": 1}], 2),
     ])
-    trainer._recover(it1, failed_policy)
-    assert [c.ids for c in it1.calls] == [["it1/b1"], ["it1/b0"]] and it1.calls[1].worker is w1
+    trainer.recover(it1, failed_policy)
+    assert [c.ids for c in it1.calls] == [["it1/b1"], ["it1/b0"]] and it1.calls[1].worker is c1
     assert trainer.counters["worker_failures"] == 1
     assert [e["event"] for e in trainer.events] == ["worker_lost"]
 
@@ -234,12 +228,12 @@ def test_a_worker_that_stays_dead_is_not_asked_again_and_its_death_counts_once(t
     w0, buffer, learner, critic = (StubHandle(n) for n in ("worker-0", "buffer", "learner", "critic"))
     w1 = StubHandle("worker-1", dead=True)
     cfg = load(SMOKE, ["ray.backend=local", "algo.n_critic=16"])
-    trainer = Trainer(cfg, System([w0, w1], buffer, learner, critic, "stub"), tmp_path, progress=False)
-    failed_policy = Pending(learner, LOST, None)
+    trainer = Trainer(cfg, System.of([w0, w1], buffer, learner, critic, "stub"), tmp_path, progress=False)
+    failed_policy = Pending(LOST, None)
 
     it0 = trainer.collect_rollouts("theta0", "critic0", 0, version=0)
     assert [c.worker.name for c in it0.calls] == ["worker-0", "worker-1"]
-    trainer._recover(it0, failed_policy)
+    trainer.recover(it0, failed_policy)
     assert [(c.worker.name, len(c.ids)) for c in it0.calls] == [("worker-0", 8), ("worker-0", 8)]
     assert sorted(i for c in it0.calls for i in c.ids) == sorted(it0.ids)
 
@@ -258,13 +252,14 @@ def test_blocks_lost_with_their_node_are_collected_again_though_their_summary_ca
     """A lost node takes the blocks in its object store; the summaries live with the driver."""
     w0, w1, buffer, learner, critic = (StubHandle(n) for n in ("worker-0", "worker-1", "buffer", "learner", "critic"))
     cfg = load(SMOKE, ["ray.backend=local"])
-    trainer = Trainer(cfg, System([w0, w1], buffer, learner, critic, "stub"), tmp_path, progress=False)
-    trainer._calls_made = {"worker-0": 1, "worker-1": 1}
+    trainer = Trainer(cfg, System.of([w0, w1], buffer, learner, critic, "stub"), tmp_path, progress=False)
+    trainer.pool.calls_made = {"worker-0": 1, "worker-1": 1}
+    c0, c1 = trainer.system.workers
     it0 = Rollouts(["it0/b0", "it0/b1"], "theta0", "critic0", 0, [
-        RolloutCall(w0, ["it0/b0"], [LOST, {"ok": 1}], 1),
-        RolloutCall(w1, ["it0/b1"], ["block-b", {"ok": 1}], 1),
+        RolloutCall(c0, ["it0/b0"], [LOST, {"ok": 1}], 1),
+        RolloutCall(c1, ["it0/b1"], ["block-b", {"ok": 1}], 1),
     ])
-    trainer._recover(it0, Pending(learner, LOST, None))
+    trainer.recover(it0, Pending(LOST, None))
     assert [(c.worker.name, c.ids) for c in it0.calls] == [("worker-1", ["it0/b1"]), ("worker-1", ["it0/b0"])]
     assert [e["event"] for e in trainer.events] == ["blocks_lost"]
 
@@ -276,7 +271,7 @@ def test_lost_learner_stops_the_run_with_a_clear_error_and_the_checkpoint_intact
     trainer = Trainer(cfg, system, tmp_path, progress=False)
     trainer.step()
     saved = trainer.checkpoint()
-    ray.kill(system.learner.actor, no_restart=True)
+    ray.kill(system.learner.handle.actor, no_restart=True)
     with pytest.raises(ComponentLost, match="learner was lost"):
         trainer.step()
     assert latest_checkpoint(tmp_path) == saved
@@ -291,13 +286,13 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path):
     trainer = Trainer(cfg, system, tmp_path, progress=False)
     trainer.step()
     saved = trainer.checkpoint()
-    critic_before = {k: v.clone() for k, v in system.critic.obj.critic.state_dict().items()}
-    system.critic.obj.real_data.data[:] = float("nan")  # every critic loss is now NaN
+    critic_before = {k: v.clone() for k, v in system.critic.handle.obj.critic.state_dict().items()}
+    system.critic.handle.obj.real_data.data[:] = float("nan")  # every critic loss is now NaN
     with pytest.raises(NonFiniteError, match="trainer.max_nonfinite_updates = 3"):
         for _ in range(3):
             trainer.step()
     assert trainer.counters["nonfinite_total"] >= 3
-    for k, v in system.critic.obj.critic.state_dict().items():
+    for k, v in system.critic.handle.obj.critic.state_dict().items():
         assert torch.equal(v, critic_before[k]), "a skipped update must not move the critic"
     assert latest_checkpoint(tmp_path) == saved
 

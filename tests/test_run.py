@@ -158,12 +158,13 @@ def test_cluster_address_where_nothing_listens_is_one_line_exit_2(tmp_path, cach
 
 
 def test_ctrl_c_while_the_sampler_pretrains_exits_130_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import sftrl.launch
     import sftrl.run
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sftrl.run, "build_initial_sampler", interrupted)
+    monkeypatch.setattr(sftrl.launch, "build_initial_sampler", interrupted)
     run_dir = tmp_path / "run"
     code = sftrl.run.main(["configs/smoke.yaml", f"pretrain.cache_dir={tmp_path / 'cache'}", "ray.backend=local",
                            "--run-dir", str(run_dir), "--no-progress"])

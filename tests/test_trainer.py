@@ -14,7 +14,8 @@ from sftrl.components import InitState, fresh_sampler
 from sftrl.config import load
 from sftrl.data import load_real_data
 from sftrl.distributed import build_ray_system
-from sftrl.trainer import Trainer, build_local_system
+from sftrl.system import build_local_system
+from sftrl.trainer import Trainer
 from sftrl.weights import to_numpy_state
 
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -38,12 +39,12 @@ def iteration_lines(run_dir) -> list[dict]:
 def test_rollouts_are_asked_for_one_iteration_ahead_except_before_a_checkpoint(tmp_path):
     trainer = local_trainer(tmp_path, ["trainer.iterations=5", "trainer.checkpoint_every=3"])
     cfg, system = trainer.cfg, trainer.system
-    worker = system.workers[0]
+    worker = system.workers[0].handle
     original_call = worker.call
     asked = []  # (the trainer's iteration when asked, the block ids asked for)
 
     def recording_call(method, *args, **kwargs):
-        if method == "collect":
+        if method.__name__ == "collect":
             asked.append((trainer.iteration, args[2][0].split("/")[0]))
         return original_call(method, *args, **kwargs)
 
@@ -61,17 +62,17 @@ def test_rollouts_are_asked_for_one_iteration_ahead_except_before_a_checkpoint(t
 def test_async_mode_runs_rollouts_max_lag_versions_behind_and_restarts_at_checkpoints(tmp_path):
     trainer = local_trainer(tmp_path, ["trainer.iterations=7", "trainer.checkpoint_every=4", "rollout.max_lag=2"])
     cfg, system = trainer.cfg, trainer.system
-    worker, buffer = system.workers[0], system.buffer
+    worker, buffer = system.workers[0].handle, system.buffer.handle
     original_collect, original_refill = worker.call, buffer.call
     asked, buffered = [], []  # (trainer's iteration, block iteration, theta's version); metas' versions
 
     def recording_collect(method, *args, **kwargs):
-        if method == "collect":
+        if method.__name__ == "collect":
             asked.append((trainer.iteration, args[2][0].split("/")[0], args[0][0]))
         return original_collect(method, *args, **kwargs)
 
     def recording_refill(method, *args, **kwargs):
-        if method == "refill":
+        if method.__name__ == "refill":
             buffered.append({meta.version for meta in args[1]} | {block.version for block in args[0]})
         return original_refill(method, *args, **kwargs)
 
@@ -136,12 +137,12 @@ def test_every_algorithm_runs_through_the_trainer_with_the_data_it_asks_for(tmp_
     trainer = local_trainer(tmp_path, [f"algo.name={name}", *overrides, "trainer.iterations=3",
                                        "trainer.checkpoint_every=0"])
     cfg, system = trainer.cfg, trainer.system
-    learner = system.learner
+    learner = system.learner.handle
     original_call = learner.call
     given = []  # the number of transitions each generator phase was handed (None: no buffer data)
 
     def recording_call(method, *args, **kwargs):
-        if method == "update_and_publish":
+        if method.__name__ == "update_and_publish":
             given.append(None if args[0] is None else len(args[0]))
         return original_call(method, *args, **kwargs)
 
@@ -150,7 +151,7 @@ def test_every_algorithm_runs_through_the_trainer_with_the_data_it_asks_for(tmp_
     a = cfg.algo
     per_iteration = {
         "samples": a.n_generator * a.batch_size,
-        "all": a.n_critic * a.batch_size * len(trainer._steps()),  # this iteration's blocks only
+        "all": a.n_critic * a.batch_size * len(trainer.plan.trainable_steps),  # this iteration's blocks only
         "none": None,
     }[ALGORITHMS[name].data]
     assert given == [per_iteration] * 3

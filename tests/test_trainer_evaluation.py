@@ -10,7 +10,8 @@ from sftrl.components import InitState
 from sftrl.config import load
 from sftrl.data import load_real_data
 from sftrl.models import build_networks
-from sftrl.trainer import Trainer, build_local_system
+from sftrl.system import build_local_system
+from sftrl.trainer import Trainer
 from sftrl.weights import to_numpy_state
 
 SMOKE = REPO / "configs" / "smoke.yaml"

@@ -74,6 +74,7 @@ class DenoisingChainEnv(gymnasium.Env):
         self._n = 0
 
     def _obs(self) -> dict[str, Any]:
+        assert self._x is not None, "reset() first"
         return {"x": self._x.copy(), "n": self._n}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):

@@ -23,6 +23,7 @@ class PPO(PolicyAlgorithm):
     data = "all"
 
     def update(self, ctx: PolicyContext, data: TransitionBatch | None) -> list[dict[str, float]]:
+        assert data is not None, "ppo learns from the whole buffer (data = 'all')"
         batch = data.to_torch(ctx.device)
         reward, values = relabel(ctx, batch)
         advantage = reward - values  # (N,)

@@ -73,6 +73,7 @@ class SFTPG(PolicyAlgorithm):
     data = "samples"
 
     def update(self, ctx: PolicyContext, data: TransitionBatch | None) -> list[dict[str, float]]:
+        assert data is not None, "sft-pg learns from buffer samples (data = 'samples')"
         batch = data.to_torch(ctx.device)
         weights = stale_importance_weights(ctx, batch, self.settings.max_importance_weight)
         params = list(ctx.policy.parameters())
@@ -84,7 +85,7 @@ class SFTPG(PolicyAlgorithm):
             log_prob = rescore(ctx, mb)
             weight = None if weights is None else weights[0][rows]
             loss, metrics = losses.policy_gradient_loss(log_prob, reward, values, weight)
-            if weights is not None:
+            if weights is not None and weight is not None:
                 metrics[losses.IMPORTANCE_WEIGHT_MEAN] = weight.mean().item()
                 metrics[losses.IMPORTANCE_WEIGHT_TRUNCATED] = weights[1][rows].float().mean().item()
             metrics |= ratio_metrics(log_prob, mb.log_prob, dims_averaged(ctx))

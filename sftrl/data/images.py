@@ -96,9 +96,13 @@ def _resize(x: np.ndarray, image_size: int) -> np.ndarray:
 
 
 def _check_image_size(image_size: int | None) -> int | None:
-    if image_size is not None and (int(image_size) != image_size or image_size < 1):
+    return None if image_size is None else _positive_size(image_size)
+
+
+def _positive_size(image_size: int) -> int:
+    if int(image_size) != image_size or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
-    return None if image_size is None else int(image_size)
+    return int(image_size)
 
 
 def _check_limit(limit: int | None) -> int | None:
@@ -122,7 +126,7 @@ def load_digits_images(image_size: int = 8) -> np.ndarray:
     """
     from sklearn.datasets import load_digits
 
-    image_size = _check_image_size(image_size)
+    image_size = _positive_size(image_size)
     images = load_digits().images.astype(np.float32)  # (1797, 8, 8), values 0..16
     x = (images / np.float32(8.0) - np.float32(1.0))[:, None]  # (1797, 1, 8, 8)
     return _resize(x.astype(np.float32), image_size)
@@ -324,7 +328,7 @@ def load_celeba(path: str | Path, image_size: int = 64, limit: int | None = None
     Returns:
         ``float32`` array ``(N, 3, image_size, image_size)`` in [-1, 1].
     """
-    image_size = _check_image_size(image_size)
+    image_size = _positive_size(image_size)
     limit = _check_limit(limit)
     root = Path(path).expanduser()
     expected = "the img_align_celeba directory of 178x218 *.jpg files"
@@ -392,9 +396,9 @@ def load_image_folder(
     Returns:
         ``float32`` array ``(N, channels, image_size, image_size)`` in [-1, 1].
     """
-    image_size = _check_image_size(image_size)
     if image_size is None:
         raise ValueError("load_image_folder needs an image_size (set data.image_size)")
+    image_size = _positive_size(image_size)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
     limit = _check_limit(limit)

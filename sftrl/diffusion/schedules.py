@@ -307,7 +307,7 @@ def make_schedule(
         )
     if kappa < 0:
         raise ValueError(f"kappa must be >= 0 for schedule {name!r}, got {kappa}")
-    kind = "linear" if name == "fastdpm-var-linear" else "quadratic"
+    kind: Literal["linear", "quadratic"] = "linear" if name == "fastdpm-var-linear" else "quadratic"
     sub_betas = fastdpm_var_betas(kind, num_steps, float(betas[0]), float(base[-1]))
     gamma_bar = np.cumprod(1.0 - sub_betas)
     tau = np.array(

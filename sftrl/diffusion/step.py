@@ -88,6 +88,13 @@ def step_std(tables: StepTables, n: torch.Tensor, final_step_std: float) -> torc
     return torch.where(sigma > 0, sigma, torch.full_like(sigma, final_step_std))
 
 
+def trainable_steps(stds, final_step_std: float = 0.0) -> tuple[int, ...]:
+    """Indices k of the steps with a stochastic transition (a density to train): std_k > 0, or
+    every step once ``final_step_std`` floors the deterministic ones. ``stds`` ``(S,)``: a
+    schedule's sigma, or the stds a block's steps used (floor applied: pass no floor)."""
+    return tuple(k for k, s in enumerate(stds) if float(s) > 0 or final_step_std > 0)
+
+
 def denoise_step(
     model: nn.Module,
     tables: StepTables,

@@ -15,7 +15,8 @@ from sftrl import components
 from sftrl.buffer import ReplayBuffer
 from sftrl.config import Config
 from sftrl.handles import ComponentLost, ResourceError, component_device
-from sftrl.trainer import System
+from sftrl.plan import worker_name
+from sftrl.system import System
 
 
 class ComponentActor:
@@ -31,8 +32,10 @@ class ComponentActor:
     def build(self, factory: Callable[..., Any], *args: Any) -> None:
         self.component = factory(*args)
 
-    def call(self, method: str, *args: Any) -> Any:
-        return getattr(self.component, method)(*args)
+    def call(self, method_name: str, *args: Any) -> Any:
+        """Run the component's method ``method_name`` (``RayHandle.call`` sends the name of the
+        method it was given: the one string dispatch, at the Ray edge)."""
+        return getattr(self.component, method_name)(*args)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -59,10 +62,12 @@ class RayHandle:
         self.actor = actor
         self.name = name
 
-    def call(self, method: str, *args: Any, num_returns: int = 1) -> Any:
-        # Named "component.method" in the Ray dashboard and timeline.
-        remote = self.actor.call.options(name=f"{self.name}.{method}", num_returns=num_returns)
-        return remote.remote(method, *args)
+    def call(self, method: Callable[..., Any], *args: Any, num_returns: int = 1) -> Any:
+        # The actor runs the component's method of that name; named "component.method" in the
+        # Ray dashboard and timeline.
+        name = method.__name__
+        remote = self.actor.call.options(name=f"{self.name}.{name}", num_returns=num_returns)
+        return remote.remote(name, *args)
 
     def resolve(self, futures: Any) -> Any:
         try:
@@ -185,7 +190,7 @@ class RaySystemLaunch:
         if warning:
             print(warning, file=sys.stderr, flush=True)
         self.cfg = cfg
-        actor = ray.remote(ComponentActor)
+        actor: Any = ray.remote(ComponentActor)  # an ActorClass: typed loosely by Ray
         # Every argument is small and inlined: restartable workers must not depend on
         # object-store arguments, and every collect() call brings the current weights anyway.
         shape_only = components.InitState(None, tuple(data_shape))
@@ -207,11 +212,11 @@ class RaySystemLaunch:
 
     def finish(self, init: components.InitState) -> System:
         """Build the learner from the pretrained sampler (waits for it) and hand out the handles."""
-        handles = [RayHandle(w, f"worker-{i}") for i, w in enumerate(self.workers)]
+        handles = [RayHandle(w, worker_name(i)) for i, w in enumerate(self.workers)]
         learner = RayHandle(self.learner, "learner")
         learner_cfg = actor_config(self.cfg, self.cfg.ray.learner_num_gpus)
         learner.resolve(self.learner.build.remote(components.make_learner, learner_cfg, ray.put(init)))
-        return System(
+        return System.of(
             workers=handles,
             buffer=RayHandle(self.buffer, "buffer"),
             learner=learner,

@@ -1,0 +1,116 @@
+"""Typed clients of the four components: the trainer's only way to call them.
+
+Each client method names the component method it runs (``handle.call(Learner.update_and_publish,
+...)``), so an editor, a type checker and a reader follow every call from the trainer to the
+code that answers it; the handle (``sftrl.handles``) alone decides whether that code runs here or
+in a Ray actor. What a call returns is a ``Future``: the value itself for a local component, an
+object reference for an actor, which can be passed straight into another call (the critic's new
+weights into the learner's update) without a trip through the driver. ``resolve`` waits for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sftrl.buffer import BlockMeta, ReplayBuffer, TransitionBatch
+from sftrl.critic import CriticLearner
+from sftrl.handles import Handle
+from sftrl.learner import Learner
+from sftrl.rollout import RolloutWorker
+from sftrl.weights import Weights
+
+Future = Any  # a value (local component) or a Ray ObjectRef to one (actor)
+Metrics = list[dict[str, float]]
+
+
+class Client:
+    """What every client offers besides its component's calls (see ``sftrl.handles.Handle``)."""
+
+    def __init__(self, handle: Handle):
+        self.handle = handle
+        self.name = handle.name
+
+    def resolve(self, futures: Any) -> Any:
+        return self.handle.resolve(futures)
+
+    def ping(self) -> None:
+        self.handle.ping()
+
+    def placement(self) -> dict[str, Any]:
+        return self.handle.placement()
+
+
+class WorkerClient(Client):
+    """A rollout worker (``RolloutWorker``)."""
+
+    def collect(self, policy: Future, critic: Future, block_ids: Sequence[str], chains_per_block: int) -> list[Future]:
+        """The blocks, one future each, then the call's summary (Weights futures in)."""
+        return self.handle.call(RolloutWorker.collect, policy, critic, list(block_ids), chains_per_block,
+                                num_returns=len(block_ids) + 1)
+
+    def probe(self) -> Future:
+        return self.handle.probe()
+
+    def done(self, future: Future) -> bool:
+        return self.handle.done(future)
+
+    def wait(self, future: Future, timeout: float) -> bool:
+        return self.handle.wait(future, timeout)
+
+    def restart(self) -> None:
+        self.handle.restart()
+
+
+class BufferClient(Client):
+    """The replay buffer (``ReplayBuffer``)."""
+
+    def refill(self, blocks: Sequence[Future], metas: Sequence[BlockMeta], draw: str, num_batches: int,
+               batch_size: int, seed: int) -> Future:
+        """Step 5 then the generator phase's draw: a future ``TransitionBatch``."""
+        return self.handle.call(ReplayBuffer.refill, list(blocks), list(metas), draw, num_batches, batch_size, seed)
+
+    def discard(self, block_ids: Sequence[str]) -> Future:
+        return self.handle.call(ReplayBuffer.discard, list(block_ids))
+
+    def state(self) -> Future:
+        return self.handle.call(ReplayBuffer.state)
+
+
+class CriticClient(Client):
+    """The critic and baseline learner (``CriticLearner``)."""
+
+    def update_and_publish(self, blocks: Sequence[Future]) -> tuple[Future, Future]:
+        """One update per block: ``(metrics, Weights)`` futures."""
+        metrics, weights = self.handle.call(CriticLearner.update_and_publish, *blocks, num_returns=2)
+        return metrics, weights
+
+    def get_weights(self) -> Future:
+        return self.handle.call(CriticLearner.get_weights)
+
+    def state_dict(self) -> Future:
+        return self.handle.call(CriticLearner.state_dict)
+
+    def load_state_dict(self, state: dict) -> Future:
+        return self.handle.call(CriticLearner.load_state_dict, state)
+
+
+class LearnerClient(Client):
+    """The policy learner (``Learner``)."""
+
+    def update_and_publish(self, data: Future | TransitionBatch | None, critic: Future | Weights) -> tuple[Future, Future]:
+        """One generator phase with the critic's weights: ``(metrics, theta's next Weights)``."""
+        metrics, weights = self.handle.call(Learner.update_and_publish, data, critic, num_returns=2)
+        return metrics, weights
+
+    def get_weights(self) -> Future:
+        return self.handle.call(Learner.get_weights)
+
+    def get_sampler_weights(self) -> Future:
+        return self.handle.call(Learner.get_sampler_weights)
+
+    def state_dict(self) -> Future:
+        return self.handle.call(Learner.state_dict)
+
+    def load_state_dict(self, state: dict) -> Future:
+        return self.handle.call(Learner.load_state_dict, state)

@@ -1,0 +1,132 @@
+"""What every component reads of a run, derived once from the config.
+
+``RunPlan.of(cfg)`` turns the config into the things the trainer, the components and the
+evaluation share, so no two places derive them differently:
+
+- the sampling schedule (``schedule_of``), and which of its steps are trainable transitions;
+- the sizes of Algorithm 1's two phases: ``n_critic`` rollout blocks of ``batch_size`` chains
+  (one critic update each), then ``n_generator`` policy steps of ``batch_size`` transitions;
+- every seed of the run (``Seeds``), and the names of the rollout workers and of the blocks.
+
+Deriving it checks what only the derivation can: a schedule whose coefficients are not finite,
+or one without a single stochastic step for an algorithm that learns from transitions. Those
+are ``ConfigError``\\ s naming the key, raised by ``sftrl.config.load`` with the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from sftrl.algos import ALGORITHMS
+from sftrl.algos.base import DataNeed
+from sftrl.config import Config
+from sftrl.configtools import ConfigError
+from sftrl.diffusion.schedules import SamplingSchedule, make_schedule
+from sftrl.diffusion.step import trainable_steps
+
+
+def schedule_of(cfg: Config) -> SamplingSchedule:
+    """The sampling schedule of ``cfg.diffusion`` (the one place it is built from the config)."""
+    d = cfg.diffusion
+    return make_schedule(d.schedule, d.steps, num_train_steps=d.num_train_steps, beta_schedule=d.beta_schedule,
+                         kappa=d.kappa, variance=d.variance)
+
+
+@dataclasses.dataclass(frozen=True)
+class Seeds:
+    """Every seed of a run, derived from the config's ``seed`` here and nowhere else.
+
+    The multipliers are primes, so nearby run seeds give unrelated streams, and the offsets tell
+    the streams of one run apart. The values are fixed: a changed one changes every number of a
+    run, and a resumed run must draw what an uninterrupted one would.
+    """
+
+    run: int
+
+    @property
+    def networks(self) -> int:
+        """The critic's and the baseline's initial weights: the same in every process."""
+        return self.run * 1_000_003
+
+    @property
+    def rollout_noise(self) -> int:
+        """Base of every block's noise: block ``b`` draws from ``block_seed(rollout_noise, b)``."""
+        return self.run * 7919 + 101
+
+    @property
+    def learner(self) -> int:
+        """The learner's generator (the algorithms' own draws, e.g. pathwise SFT's chains)."""
+        return self.run * 7919 + 1
+
+    @property
+    def critic(self) -> int:
+        """The critic actor's generator: real-data batches and the gradient penalty's mixing."""
+        return self.run * 7919 + 2
+
+    def buffer_draw(self, iteration: int) -> int:
+        """The generator phase's draw from the buffer in ``iteration``."""
+        return self.run * 1_000_003 + iteration
+
+    @property
+    def evaluation(self) -> int:
+        """Evaluation draws (the same at every evaluation, so their differences are the sampler's)."""
+        return self.run + 12345
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """The shared derivation of a run (see the module doc)."""
+
+    schedule: SamplingSchedule
+    trainable_steps: tuple[int, ...]  # indices k of the schedule's S steps whose transition is stochastic
+    n_critic: int  # rollout blocks per iteration, one critic + baseline update each
+    n_generator: int  # policy steps per iteration
+    batch_size: int  # m: chains per block, transitions per policy step
+    data_need: DataNeed  # what the algorithm learns from (``PolicyAlgorithm.data``)
+    num_workers: int
+    seeds: Seeds
+
+    @classmethod
+    def of(cls, cfg: Config) -> RunPlan:
+        d, a = cfg.diffusion, cfg.algo
+        if a.name not in ALGORITHMS:
+            raise ConfigError(f"'algo.name' = {a.name!r} is invalid: valid: {', '.join(sorted(ALGORITHMS))}",
+                              key="algo.name")
+        schedule = schedule_of(cfg)
+        bad = [row["n"] for row in schedule.rows() if not all(math.isfinite(float(v)) for v in row.values())]
+        if bad:
+            raise ConfigError(f"'diffusion.schedule' = {d.schedule!r} is invalid: its coefficients are not finite at "
+                              f"step(s) n = {bad[:5]} with these diffusion.* settings", key="diffusion.schedule")
+        steps = trainable_steps(schedule.sigma, d.final_step_std)
+        data_need = ALGORITHMS[a.name].data
+        if data_need != "none" and not steps:
+            kappa = f" with kappa = {d.kappa:g}" if d.schedule.startswith("fastdpm") else ""
+            raise ConfigError(
+                f"'diffusion.schedule' = {d.schedule!r} is invalid: it has sigma = 0 at every step{kappa}, so "
+                f"{a.name!r} has no stochastic transition to learn from: set diffusion.final_step_std > 0 (the "
+                "paper's image code: 0.001) or use a stochastic schedule", key="diffusion.schedule")
+        return cls(schedule=schedule, trainable_steps=steps, n_critic=a.n_critic, n_generator=a.n_generator,
+                   batch_size=a.batch_size, data_need=data_need, num_workers=cfg.rollout.num_workers,
+                   seeds=Seeds(cfg.seed))
+
+    @property
+    def chains_per_iteration(self) -> int:
+        return self.n_critic * self.batch_size
+
+    @property
+    def transitions_per_block(self) -> int:
+        return len(self.trainable_steps) * self.batch_size
+
+    @property
+    def worker_names(self) -> tuple[str, ...]:
+        return tuple(worker_name(i) for i in range(self.num_workers))
+
+    def block_ids(self, iteration: int) -> list[str]:
+        """The ids of iteration ``iteration``'s blocks: fixed, so a block lost and collected again
+        is the same block (its noise follows its id) and is never counted twice."""
+        return [f"it{iteration}/b{k}" for k in range(self.n_critic)]
+
+
+def worker_name(index: int) -> str:
+    return f"worker-{index}"
