@@ -31,6 +31,7 @@ import dataclasses
 import datetime
 import difflib
 import functools
+import math
 import os
 import re
 import types
@@ -43,7 +44,9 @@ import yaml
 __all__ = [
     "ConfigError",
     "FieldInfo",
+    "Range",
     "apply_overrides",
+    "check_ranges",
     "check_schema",
     "config_reference_markdown",
     "doc_field",
@@ -121,24 +124,75 @@ def _quote_list(names: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- schema helpers
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The numbers a setting may take: ``low`` (or above it, ``low_open``) up to ``high`` (or
+    below it, ``high_open``), either end open-ended when None; ``note`` follows the range in
+    messages (``"(0: sync mode)"``). On a ``tuple`` setting it applies to every item, and
+    ``items`` is how many it must hold (an int, or ``"1+"`` for one or more)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+    items: int | str | None = None
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def text(self) -> str:
+        """``>= 1``, ``> 0``, ``between 1 and 16384`` (int ends), ``in [0, 1)`` (and the note)."""
+        low, high = self.low, self.high
+        if low is not None and high is not None:
+            whole = isinstance(low, int) and isinstance(high, int) and not (self.low_open or self.high_open)
+            span = (f"between {_number(low)} and {_number(high)}" if whole else
+                    f"in {'(' if self.low_open else '['}{_number(low)}, {_number(high)}{')' if self.high_open else ']'}")
+        elif low is not None:
+            span = f"{'>' if self.low_open else '>='} {_number(low)}"
+        elif high is not None:
+            span = f"{'<' if self.high_open else '<='} {_number(high)}"
+        else:
+            span = "any number"
+        return f"{span} {self.note}".strip()
+
+    def describe(self) -> str:
+        """:meth:`text`, with how many items a tuple holds."""
+        if self.items is None:
+            return self.text()
+        count = "one or more" if self.items == "1+" else str(self.items)
+        return f"{count} item(s), each {self.text()}"
+
+
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def doc_field(
     default: Any = _MISSING,
     doc: str = "",
     *,
     default_factory: Any = None,
     choices: Sequence[str] | None = None,
+    valid: Range | None = None,
 ) -> Any:
-    """A dataclass field carrying a one-line ``doc`` (and optional ``choices``) in metadata.
+    """A dataclass field carrying a one-line ``doc`` (and optional ``choices`` and ``valid``
+    range) in metadata.
 
-    Leaf: ``lr: float = doc_field(1e-3, "Adam learning rate.")``.
+    Leaf: ``lr: float = doc_field(1e-3, "Adam learning rate.", valid=Range(0, low_open=True))``.
     Section: ``trainer: Trainer = doc_field(doc="Trainer settings.", default_factory=Trainer)``.
     ``choices`` restricts a ``str`` field to the given values; prefer ``Literal[...]``.
+    ``valid`` is checked by :func:`check_ranges` (and shown in the reference).
     """
     if not doc or not doc.strip():
         raise TypeError("doc_field() needs a non-empty one-line doc")
     if default is not _MISSING and default_factory is not None:
         raise TypeError("doc_field() takes a default or a default_factory, not both")
     metadata: dict[str, Any] = {"doc": " ".join(doc.split())}
+    if valid is not None:
+        metadata["valid"] = valid
     if choices is not None:
         if isinstance(choices, str) or not all(isinstance(c, str) for c in choices):
             raise TypeError("doc_field(choices=...) must be a sequence of strings")
@@ -696,6 +750,35 @@ def _fails_without(cls: type[T], path, overrides: Sequence[str], dropped: str, c
     return False
 
 
+# --------------------------------------------------------------------------- ranges
+
+
+def check_ranges(tree: Any, prefix: str = "") -> None:
+    """Every number of a built tree is finite, and within its field's ``valid`` range (a tuple's
+    items each, and the tuple holds as many as ``Range.items`` says); None values pass. Raises
+    :class:`ConfigError` ``'key' = value is invalid: must be ...`` for the first that is not."""
+    def invalid(key: str, value: Any, valid: str) -> ConfigError:
+        return ConfigError(f"'{key}' = {short_repr(value)} is invalid: must {valid}", key=key)
+
+    for f in _init_fields(type(tree)):
+        key, value, valid = _join(prefix, f.name), getattr(tree, f.name), f.metadata.get("valid")
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, key)
+            continue
+        items = list(value) if isinstance(value, tuple) else [value]
+        if isinstance(value, tuple) and valid is not None and valid.items is not None:
+            want = valid.items
+            if (want == "1+" and not value) or (isinstance(want, int) and len(value) != want):
+                raise invalid(key, list(value), f"hold {'one or more' if want == '1+' else want} item(s)")
+        for i, item in enumerate(items):
+            name = f"{key}[{i}]" if isinstance(value, tuple) else key
+            if isinstance(item, float) and not math.isfinite(item):
+                raise invalid(name, item, "be a finite number")
+            if valid is not None and isinstance(item, (int, float)) and not isinstance(item, bool) \
+                    and not valid.holds(item):
+                raise invalid(name, item, f"be {valid.text()}")
+
+
 # --------------------------------------------------------------------------- dumping
 
 
@@ -800,6 +883,9 @@ def iter_fields(cls: type, prefix: str = "") -> Iterator[FieldInfo]:
         tp = hints[f.name]
         section = _section_class(tp)
         doc = f.metadata.get("doc", "")
+        valid = f.metadata.get("valid")
+        if valid is not None:
+            doc = f"{doc} Valid: {valid.describe()}."
         if section is None or section is not tp:
             yield FieldInfo(name, type_string(tp, _choices(f)), _field_default(f), doc)
         if section is not None:
@@ -903,6 +989,10 @@ def _schema_problems(cls: type, prefix: str) -> list[str]:
                 _convert_keyed(tp, _to_plain(default), name, choices)
             except ConfigError as exc:
                 problems.append(f"{name}: default does not fit the type ({exc})")
+            valid = f.metadata.get("valid")
+            items = default if isinstance(default, tuple) else (default,)
+            if valid is not None and not all(x is None or valid.holds(x) for x in items):
+                problems.append(f"{name}: default {default!r} is outside its valid range ({valid.describe()})")
     return problems
 
 

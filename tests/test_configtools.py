@@ -13,7 +13,9 @@ import yaml
 from sftrl.configtools import (
     ConfigError,
     FieldInfo,
+    Range,
     apply_overrides,
+    check_ranges,
     check_schema,
     config_reference_markdown,
     doc_field,
@@ -679,3 +681,52 @@ def test_readme_config_reference_matches_the_dataclasses():
     assert with_reference(readme) == readme, "run: python -m sftrl.docs"
     for field in iter_fields(Config):
         assert f"`{field.name}`" in readme.split("## Config reference", 1)[1], field.name
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+@dataclass(frozen=True)
+class Ranged:
+    width: int = doc_field(64, "A width.", valid=Range(1, 1024))
+    rate: float = doc_field(0.1, "A rate.", valid=Range(0.0, low_open=True))
+    decay: float = doc_field(0.0, "A decay.", valid=Range(0.0, 1.0, high_open=True, note="(0: none)"))
+    cap: int | None = doc_field(None, "A cap.", valid=Range(1))
+    sizes: tuple[int, ...] = doc_field((8, 8), "Sizes.", valid=Range(1, 64, items="1+"))
+    pair: tuple[int, ...] = doc_field((1, 2), "Two.", valid=Range(0, items=2))
+    free: float = doc_field(0.5, "Any finite number.")
+
+
+@dataclass(frozen=True)
+class _OutOfRange:
+    width: int = doc_field(0, "A width.", valid=Range(1))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("width=0", "'width' = 0 is invalid: must be between 1 and 1024"),
+        ("rate=0", "'rate' = 0.0 is invalid: must be > 0"),
+        ("decay=1", "'decay' = 1.0 is invalid: must be in [0, 1) (0: none)"),
+        ("cap=0", "'cap' = 0 is invalid: must be >= 1"),
+        ("sizes=[]", "'sizes' = [] is invalid: must hold one or more item(s)"),
+        ("sizes=[8,65]", "'sizes[1]' = 65 is invalid: must be between 1 and 64"),
+        ("pair=[1]", "'pair' = [1] is invalid: must hold 2 item(s)"),
+        ("free=.inf", "'free' = inf is invalid: must be a finite number"),
+    ],
+)
+def test_check_ranges_names_the_key_the_value_and_the_range(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(Ranged, None, [override], check=check_ranges)
+    assert str(info.value) == f"override '{override}': {message}"
+    assert info.value.key == message.split("'")[1]
+
+
+def test_ranges_pass_in_range_and_null_and_show_in_the_reference() -> None:
+    check_ranges(load_config(Ranged, None, ["cap=null", "decay=0", "sizes=[1,64]"]))
+    docs = {f.name: f.doc for f in iter_fields(Ranged)}
+    assert docs["rate"] == "A rate. Valid: > 0."
+    assert docs["sizes"] == "Sizes. Valid: one or more item(s), each between 1 and 64."
+    assert docs["free"] == "Any finite number."
+    with pytest.raises(TypeError, match=r"width: default 0 is outside its valid range \(>= 1\)"):
+        check_schema(_OutOfRange)
