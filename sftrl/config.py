@@ -175,9 +175,9 @@ class RolloutConfig:
     )
     call_timeout_floor_s: float = doc_field(
         60.0,
-        "The shortest wait before a rollout call counts as hung; before any call has been timed, the wait is "
-        "call_timeout_multiple times this (a first call compiles and warms up).",
-        valid=POSITIVE,
+        "The shortest wait (seconds) before a rollout call counts as hung; before any call has been timed, the "
+        "wait is call_timeout_multiple times this (a first call compiles and warms up).",
+        valid=Range(1.0, note="(a shorter wait restarts workers that are only slow)"),
     )
 
 

@@ -13,18 +13,22 @@ iteration without overlap per checkpoint). Nor past the last iteration or after 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 from sftrl.clients import Future
 from sftrl.rollout_pool import Rollouts
 
 
-class ReadAhead:
-    """Later iterations' ``Rollouts`` by iteration. ``request(iteration, policy, critic, version)``
-    asks the pool for one iteration's blocks."""
+class Request(Protocol):
+    """``Trainer.collect_rollouts``: ask for one iteration's blocks, run with theta's ``version``."""
 
-    def __init__(self, request: Callable[[int, Future, Future, int], Rollouts], *, iterations: int,
-                 checkpoint_every: int, max_lag: int):
+    def __call__(self, policy: Future, critic: Future, iteration: int, /, *, version: int) -> Rollouts: ...
+
+
+class ReadAhead:
+    """Later iterations' ``Rollouts`` by iteration, asked for with ``request``."""
+
+    def __init__(self, request: Request, *, iterations: int, checkpoint_every: int, max_lag: int):
         self.request = request
         self.iterations = iterations
         self.checkpoint_every = checkpoint_every
@@ -45,7 +49,7 @@ class ReadAhead:
             stop_requested: bool) -> None:
         """Ask for ``iteration``'s rollouts now, with theta's ``version``, where the rules allow."""
         if iteration not in self.ahead and self.may_ask(iteration, now, stop_requested):
-            self.ahead[iteration] = self.request(iteration, policy, critic, version)
+            self.ahead[iteration] = self.request(policy, critic, iteration, version=version)
 
     def fill(self, now: int, policy: Future, critic: Future, *, stop_requested: bool) -> None:
         """Async mode, where the pipeline (re)starts (the first iteration, after a checkpoint or a

@@ -83,9 +83,8 @@ class Trainer:
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", log_sinks)
         self.ledger = RunLedger()
         self.pool = RolloutPool(system.workers, cfg.rollout, self.plan.batch_size, self.ledger)
-        self.read_ahead = ReadAhead(lambda it, policy, critic, version: self.collect_rollouts(
-            policy, critic, it, version=version), iterations=cfg.trainer.iterations,
-            checkpoint_every=cfg.trainer.checkpoint_every, max_lag=cfg.rollout.max_lag)
+        self.read_ahead = ReadAhead(self.collect_rollouts, iterations=cfg.trainer.iterations,
+                                    checkpoint_every=cfg.trainer.checkpoint_every, max_lag=cfg.rollout.max_lag)
         started = time.monotonic() if started is None else started
         self.background = BackgroundEvaluation(evaluate, started) if evaluate is not None else None
         self.iteration = 0
