@@ -11,6 +11,13 @@ This module knows nothing about that schema; it only relies on these conventions
   ``Optional[X]`` and ``tuple[X, ...]`` (or fixed ``tuple[X, Y]``) of those;
 * string annotations
 
+Why not pydantic (2.13, installed with ray[default]): a ``TypeAdapter`` over these dataclasses
+in lax mode accepts what a config must refuse (``3.0``, ``"3"`` and ``true`` for an int, ``1`` and
+``"yes"`` for a bool, ``true`` for a float: the "boolean flag parsed as a string" of STYLE.md);
+in strict mode it refuses a YAML list for a tuple and a mapping for a nested section. Either
+way its errors would still need translating into these messages (the dotted key, the value,
+what is valid, "did you mean", the override to blame), so it would replace no code here.
+
 The package's modules: ``schema`` (declaring fields), ``convert`` (building a tree, ranges),
 ``yaml_io`` (reading and writing YAML), ``overrides`` (``key=value`` and ``load_config``),
 ``reference`` (the README reference, the schema check), ``errors``.
