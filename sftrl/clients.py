@@ -98,6 +98,15 @@ class CriticClient(Client):
 class LearnerClient(Client):
     """The policy learner (``Learner``)."""
 
+    @property
+    def members(self) -> list[LearnerClient]:
+        """The learner actors behind this client (one; several for a ``LearnerGroup``)."""
+        return [self]
+
+    def metrics(self, future: Future) -> Metrics:
+        """The metrics of an ``update_and_publish`` call, waited for."""
+        return self.handle.resolve(future)
+
     def update_and_publish(self, data: Future | TransitionBatch | None, critic: Future | Weights) -> tuple[Future, Future]:
         """One generator phase with the critic's weights: ``(metrics, theta's next Weights)``."""
         metrics, weights = self.handle.call(Learner.update_and_publish, data, critic, num_returns=2)
@@ -114,3 +123,33 @@ class LearnerClient(Client):
 
     def load_state_dict(self, state: dict) -> Future:
         return self.handle.call(Learner.load_state_dict, state)
+
+
+class LearnerGroup(LearnerClient):
+    """Several learners sharing each policy batch (``ray.num_learners``, ``Learner.join_group``):
+    every update goes to all of them; they hold the same weights, so member 0 publishes them,
+    answers for them and is checkpointed, and a state is loaded into all."""
+
+    def __init__(self, members: list[LearnerClient]):
+        super().__init__(members[0].handle)
+        self._members = members
+
+    @property
+    def members(self) -> list[LearnerClient]:
+        return self._members
+
+    def update_and_publish(self, data: Future | TransitionBatch | None, critic: Future | Weights) -> tuple[Future, Future]:
+        calls = [m.update_and_publish(data, critic) for m in self._members]
+        return [metrics for metrics, _ in calls], calls[0][1]
+
+    def metrics(self, future: Future) -> Metrics:
+        """Each policy step's metrics averaged over the members (each saw its share of the rows)."""
+        per_member = [m.handle.resolve(f) for m, f in zip(self._members, future, strict=True)]
+        return [{k: sum(step[k] for step in steps) / len(steps) for k in steps[0]} for steps in zip(*per_member)]
+
+    def load_state_dict(self, state: dict) -> Future:
+        return [m.load_state_dict(state) for m in self._members]
+
+    def ping(self) -> None:
+        for m in self._members:
+            m.ping()

@@ -190,7 +190,11 @@ class RayConfig:
         None, "Ray cluster address; null: join the cluster this job runs on, else start Ray in-process."
     )
     num_cpus: int | None = doc_field(None, "CPUs for an in-process Ray (null: all).", valid=Range(1, note="(null: all of this machine's)"))
-    learner_num_gpus: float = doc_field(0.0, "GPUs reserved by the learner actor.", valid=Range(0.0))
+    num_learners: int = doc_field(
+        1, "Learner actors sharing each policy batch (gradients summed across them with torch.distributed: "
+        "gloo on CPUs, NCCL on GPUs); each reserves ray.learner_num_gpus.", valid=Range(1, 64),
+    )
+    learner_num_gpus: float = doc_field(0.0, "GPUs reserved by each learner actor.", valid=Range(0.0))
     critic_num_gpus: float = doc_field(0.0, "GPUs reserved by the critic actor.", valid=Range(0.0))
 
 
@@ -257,6 +261,8 @@ class Config:
                  f"Ray gives a GPU only to actors that reserve a share, and {', '.join(without)}: "
                  "give each a share (fractions are fine), or use device=auto (an actor computes on the GPU "
                  "exactly when it reserves one)")
+        need(self.ray.num_learners == 1 or self.ray.backend == "ray", "ray.num_learners", self.ray.num_learners,
+             "several learners are Ray actors: use ray.backend=ray (or 1 learner)")
         sampler = "toy-mlp" if self.is_toy else "unet"
         need(self.model.sampler == sampler, "model.sampler", self.model.sampler,
              f"the {'2-D toy' if self.is_toy else 'image'} set {self.data.name!r} uses {sampler!r}")

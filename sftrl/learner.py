@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from sftrl.algos.base import PolicyAlgorithm, PolicyContext
+from sftrl.algos.base import PolicyAlgorithm, PolicyContext, Shard
 from sftrl.buffer import TransitionBatch
 from sftrl.diffusion.schedules import SamplingSchedule
 from sftrl.diffusion.step import Reduction
@@ -127,6 +127,18 @@ class Learner:
         """One generator phase, then the new weights: ``(metrics, get_weights())`` (the next
         iteration's rollouts take them straight from this call)."""
         return self.update_policy(data, critic), self.get_weights()
+
+    def join_group(self, init_method: str, rank: int, world: int) -> None:
+        """Share every policy batch with ``world`` learners (``ray.num_learners``): join their
+        ``torch.distributed`` group (gloo on the CPU, NCCL on GPUs) as ``rank``. From then on the
+        algorithm takes rows ``rank::world`` of each minibatch and the gradients are summed across
+        the group (``Shard``): every learner makes the same update, the one a single learner
+        would make on the whole minibatch."""
+        import torch.distributed as dist
+
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+        self.ctx.shard = Shard(rank, world, all_reduce=dist.all_reduce)
 
     def state_dict(self) -> dict:
         return {

@@ -98,6 +98,9 @@ class RunPlan:
         if bad:
             raise ConfigError(f"'diffusion.schedule' = {d.schedule!r} is invalid: its coefficients are not finite at "
                               f"step(s) n = {bad[:5]} with these diffusion.* settings", key="diffusion.schedule")
+        if cfg.ray.num_learners > 1 and not ALGORITHMS[a.name].shardable:
+            raise ConfigError(f"'ray.num_learners' = {cfg.ray.num_learners} is invalid: {a.name!r} cannot share its "
+                              "batches between learners (each would draw its own chains): use 1", key="ray.num_learners")
         steps = trainable_steps(schedule.sigma, d.final_step_std)
         data_need = ALGORITHMS[a.name].data
         if data_need != "none" and not steps:

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sftrl.clients import BufferClient, CriticClient, LearnerClient, WorkerClient
+from sftrl.clients import BufferClient, CriticClient, LearnerClient, LearnerGroup, WorkerClient
 from sftrl.config import Config
 from sftrl.handles import Handle, LocalHandle
 from sftrl.plan import worker_name
@@ -24,15 +24,18 @@ class System:
     shutdown: Callable[[], None] = lambda: None
 
     @classmethod
-    def of(cls, workers: Sequence[Handle], buffer: Handle, learner: Handle, critic: Handle, backend: str,
-           shutdown: Callable[[], None] | None = None) -> System:
-        """A system over the components' handles (``LocalHandle``\\ s, Ray handles, test stubs)."""
-        return cls([WorkerClient(w) for w in workers], BufferClient(buffer), LearnerClient(learner),
-                   CriticClient(critic), backend, shutdown or (lambda: None))
+    def of(cls, workers: Sequence[Handle], buffer: Handle, learner: Handle | Sequence[Handle], critic: Handle,
+           backend: str, shutdown: Callable[[], None] | None = None) -> System:
+        """A system over the components' handles (``LocalHandle``\\ s, Ray handles, test stubs);
+        several learner handles share each batch (a ``LearnerGroup``)."""
+        learners = [LearnerClient(h) for h in (learner if isinstance(learner, Sequence) else [learner])]
+        return cls([WorkerClient(w) for w in workers], BufferClient(buffer),
+                   learners[0] if len(learners) == 1 else LearnerGroup(learners), CriticClient(critic), backend,
+                   shutdown or (lambda: None))
 
     def placement(self) -> dict[str, dict[str, Any]]:
         """Where each component runs, by name: node, torch device, the GPUs Ray gave it, its pid."""
-        return {c.name: c.placement() for c in [*self.workers, self.buffer, self.learner, self.critic]}
+        return {c.name: c.placement() for c in [*self.workers, self.buffer, *self.learner.members, self.critic]}
 
 
 def build_local_system(cfg: Config, init, real_data=None) -> System:

@@ -157,7 +157,7 @@ class Trainer:
             self.read_ahead.ask(self.iteration + 1 + self.cfg.rollout.max_lag, policy.weights, critic.weights,
                                 self.iteration + 1, now=self.iteration, stop_requested=self.stop_requested)
             try:
-                policy_metrics = self.system.learner.resolve(policy.metrics)
+                policy_metrics = self.system.learner.metrics(policy.metrics)
             except ComponentLost:
                 self.system.buffer.ping()  # name a lost buffer rather than the learner it fed
                 raise
@@ -193,7 +193,7 @@ class Trainer:
         s.learner.ping()  # raises ComponentLost naming the learner if it is gone
         s.critic.ping()
         try:
-            s.learner.resolve(policy.metrics)
+            s.learner.metrics(policy.metrics)
         except ComponentLost:
             pass  # expected: its critic weights never came
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
@@ -20,6 +21,42 @@ from sftrl.diffusion.schedules import StepTables
 from sftrl.diffusion.step import Reduction
 
 DataNeed = Literal["samples", "all", "none"]
+
+
+Rows = Any  # a slice or a LongTensor of row indices into a TransitionBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This learner's part of every policy batch when ``world`` learners share it
+    (``ray.num_learners``): rows ``rank::world`` of each minibatch. Each learner's gradient is
+    scaled by its share of the rows and the shares are summed (``all_reduce``), so every
+    learner steps with the gradient of the whole minibatch, as one learner would."""
+
+    rank: int = 0
+    world: int = 1
+    all_reduce: Callable[[torch.Tensor], None] | None = None  # in-place sum over the learners
+
+    def split(self, rows: Rows, num_rows: int) -> tuple[Rows, Callable[[list[nn.Parameter]], None] | None]:
+        """``(my rows, reduce)`` of a minibatch of ``num_rows`` rows: all of them and no reduce
+        for a single learner (its numbers are exactly as before)."""
+        if self.world == 1:
+            return rows, None
+        index = torch.arange(num_rows)[rows] if isinstance(rows, slice) else rows
+        mine = index[self.rank :: self.world]
+        return mine, functools.partial(self._reduce, fraction=len(mine) / max(len(index), 1))
+
+    def _reduce(self, params: list[nn.Parameter], fraction: float) -> None:
+        """Sum ``fraction`` x each learner's gradients into every learner's (one flat tensor)."""
+        assert self.all_reduce is not None
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads]) * fraction
+        self.all_reduce(flat)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
 
 
 @dataclasses.dataclass
@@ -40,6 +77,7 @@ class PolicyContext:
     generator: torch.Generator
     device: torch.device
     version: int = 0  # theta's version as the generator phase starts (transitions carry theirs)
+    shard: Shard = dataclasses.field(default_factory=Shard)  # this learner's rows (several learners)
 
 
 class PolicyAlgorithm(abc.ABC):
@@ -52,6 +90,7 @@ class PolicyAlgorithm(abc.ABC):
 
     name: ClassVar[str]
     data: ClassVar[DataNeed]
+    shardable: ClassVar[bool] = True  # learners may share its batches (ray.num_learners > 1)
 
     def __init__(self, settings: Any):
         self.settings = settings

@@ -33,11 +33,11 @@ class PPO(PolicyAlgorithm):
         for _ in range(self.settings.ppo_epochs):
             order = torch.randperm(len(batch), generator=ctx.generator, device=ctx.device)
             for start in range(0, len(batch), ctx.batch_size):
-                index = order[start : start + ctx.batch_size]
+                index, reduce = ctx.shard.split(order[start : start + ctx.batch_size], len(batch))
                 mb = batch.select(index)
                 log_prob = rescore(ctx, mb)
                 loss, metrics = losses.ppo_clip_loss(log_prob, mb.log_prob, advantage[index], self.settings.ppo_clip,
                                                      dims)
-                metrics |= gradient_step(loss, [ctx.optimizer], params, ctx.max_grad_norm)
+                metrics |= gradient_step(loss, [ctx.optimizer], params, ctx.max_grad_norm, reduce)
                 out.append(metrics)
         return out

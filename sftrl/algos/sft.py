@@ -16,6 +16,7 @@ class PathwiseSFT(PolicyAlgorithm):
     """``n_generator`` steps, each on ``batch_size`` fresh reparameterised chains (no buffer)."""
 
     data = "none"
+    shardable = False  # each learner would draw its own chains: not the one learner's update
 
     def update(self, ctx: PolicyContext, data: TransitionBatch | None) -> list[dict[str, float]]:
         params = list(ctx.policy.parameters())

@@ -79,7 +79,7 @@ class SFTPG(PolicyAlgorithm):
         params = list(ctx.policy.parameters())
         out = []
         for j in range(ctx.n_generator):
-            rows = slice(j * ctx.batch_size, (j + 1) * ctx.batch_size)
+            rows, reduce = ctx.shard.split(slice(j * ctx.batch_size, (j + 1) * ctx.batch_size), len(batch))
             mb = batch.select(rows)
             reward, values = relabel(ctx, mb)
             log_prob = rescore(ctx, mb)
@@ -89,6 +89,6 @@ class SFTPG(PolicyAlgorithm):
                 metrics[losses.IMPORTANCE_WEIGHT_MEAN] = weight.mean().item()
                 metrics[losses.IMPORTANCE_WEIGHT_TRUNCATED] = weights[1][rows].float().mean().item()
             metrics |= ratio_metrics(log_prob, mb.log_prob, dims_averaged(ctx))
-            metrics |= gradient_step(loss, [ctx.optimizer], params, ctx.max_grad_norm)
+            metrics |= gradient_step(loss, [ctx.optimizer], params, ctx.max_grad_norm, reduce)
             out.append(metrics)
         return out

@@ -15,6 +15,7 @@ from sftrl import components
 from sftrl.buffer import ReplayBuffer
 from sftrl.config import Config
 from sftrl.handles import ComponentLost, ResourceError, component_device
+from sftrl.learner import Learner
 from sftrl.plan import worker_name
 from sftrl.system import System
 
@@ -39,6 +40,14 @@ class ComponentActor:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def rendezvous(self) -> str:
+        """``tcp://IP:PORT`` on this actor's node where a torch.distributed group can meet (a port
+        free now; the group forms at once)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
     def placement(self) -> dict[str, Any]:
         return {
@@ -143,9 +152,10 @@ def resource_asks(cfg: Config) -> dict[str, tuple[float, str]]:
     return {
         "CPU": (r.num_workers * r.num_cpus_per_worker,
                 f"rollout.num_workers={r.num_workers} x rollout.num_cpus_per_worker={r.num_cpus_per_worker:g}"),
-        "GPU": (r.num_workers * r.num_gpus_per_worker + g.learner_num_gpus + g.critic_num_gpus,
+        "GPU": (r.num_workers * r.num_gpus_per_worker + g.num_learners * g.learner_num_gpus + g.critic_num_gpus,
                 f"rollout.num_workers={r.num_workers} x rollout.num_gpus_per_worker={r.num_gpus_per_worker:g} "
-                f"+ ray.learner_num_gpus={g.learner_num_gpus:g} + ray.critic_num_gpus={g.critic_num_gpus:g}"),
+                + (f"+ ray.num_learners={g.num_learners} x " if g.num_learners > 1 else "+ ")
+                + f"ray.learner_num_gpus={g.learner_num_gpus:g} + ray.critic_num_gpus={g.critic_num_gpus:g}"),
     }
 
 
@@ -208,25 +218,33 @@ class RaySystemLaunch:
         self.critic = actor.options(num_cpus=0, num_gpus=cfg.ray.critic_num_gpus).remote(
             components.make_critic_learner, actor_config(cfg, cfg.ray.critic_num_gpus), shape_only
         )
-        self.learner = actor.options(num_cpus=0, num_gpus=cfg.ray.learner_num_gpus).remote()
+        self.learners = [actor.options(num_cpus=0, num_gpus=cfg.ray.learner_num_gpus).remote()
+                         for _ in range(cfg.ray.num_learners)]
 
     def finish(self, init: components.InitState) -> System:
-        """Build the learner from the pretrained sampler (waits for it) and hand out the handles."""
+        """Build the learners from the pretrained sampler (waits for them; several join one
+        torch.distributed group) and hand out the handles."""
         handles = [RayHandle(w, worker_name(i)) for i, w in enumerate(self.workers)]
-        learner = RayHandle(self.learner, "learner")
+        many = len(self.learners) > 1
+        learners = [RayHandle(a, f"learner-{k}" if many else "learner") for k, a in enumerate(self.learners)]
         learner_cfg = actor_config(self.cfg, self.cfg.ray.learner_num_gpus)
-        learner.resolve(self.learner.build.remote(components.make_learner, learner_cfg, ray.put(init)))
+        state = ray.put(init)
+        learners[0].resolve([a.build.remote(components.make_learner, learner_cfg, state) for a in self.learners])
+        if many:
+            address = learners[0].resolve(self.learners[0].rendezvous.remote())
+            learners[0].resolve([h.call(Learner.join_group, address, k, len(learners))
+                                 for k, h in enumerate(learners)])
         return System.of(
             workers=handles,
             buffer=RayHandle(self.buffer, "buffer"),
-            learner=learner,
+            learner=learners,
             critic=RayHandle(self.critic, "critic"),
             backend="ray",
             shutdown=self.shutdown,
         )
 
     def shutdown(self) -> None:
-        for a in [*self.workers, self.buffer, self.learner, self.critic]:
+        for a in [*self.workers, self.buffer, *self.learners, self.critic]:
             ray.kill(a, no_restart=True)
 
 
