@@ -56,6 +56,10 @@ class TrajectoryBlock:
     def meta(self) -> BlockMeta:
         return BlockMeta(self.block_id, self.version, self.num_chains, tuple(self.trainable_steps.tolist()))
 
+    @property
+    def nbytes(self) -> int:
+        return self.xs.nbytes + self.log_probs.nbytes + self.rewards.nbytes + self.ns.nbytes + self.stds.nbytes
+
     def nonfinite_chains(self) -> int:
         """Chains with a NaN or infinite state anywhere along them."""
         finite = np.isfinite(self.xs.reshape(self.xs.shape[0], self.num_chains, -1)).all(axis=(0, 2))  # (B,)
@@ -89,6 +93,10 @@ class TransitionBatch:
 
     def __len__(self) -> int:
         return len(self.n)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(getattr(self, f.name).nbytes) for f in dataclasses.fields(self))
 
     def to_torch(self, device: torch.device | str = "cpu") -> TransitionBatch:
         def t(a):

@@ -15,6 +15,7 @@ from sftrl.critic import CriticLearner, TensorData
 from sftrl.data import load_real_data
 from sftrl.learner import Learner
 from sftrl.models import build_networks
+from sftrl.perf import set_matmul_precision, warm_up
 from sftrl.plan import RunPlan, Seeds, worker_name
 from sftrl.rollout import RolloutWorker
 from sftrl.weights import NumpyState, load_numpy_state
@@ -59,11 +60,17 @@ def fresh_sampler(cfg: Config, data_shape: tuple[int, ...]) -> torch.nn.Module:
     return sampler
 
 
-def make_rollout_worker(cfg: Config, init: InitState, index: int) -> RolloutWorker:
+def _set_up_process(cfg: Config) -> None:
+    """What each process of a run sets before building its networks."""
     torch.set_num_threads(cfg.torch_threads)
+    set_matmul_precision(cfg.perf.tf32)
+
+
+def make_rollout_worker(cfg: Config, init: InitState, index: int) -> RolloutWorker:
+    _set_up_process(cfg)
     sampler, critic, _ = _networks(cfg, init)
     plan = RunPlan.of(cfg)
-    return RolloutWorker(
+    worker = RolloutWorker(
         sampler,
         critic,
         plan.schedule,
@@ -73,14 +80,18 @@ def make_rollout_worker(cfg: Config, init: InitState, index: int) -> RolloutWork
         device=resolve_device(cfg),
         seed=plan.seeds.rollout_noise,  # the same for every worker: a block's noise follows its id
         worker_id=worker_name(index),
+        perf=cfg.perf,
     )
+    if cfg.perf.compile:
+        warm_up(worker.net, init.data_shape, worker.device, backward=False)
+    return worker
 
 
 def make_learner(cfg: Config, init: InitState) -> Learner:
-    torch.set_num_threads(cfg.torch_threads)
+    _set_up_process(cfg)
     sampler, critic, baseline = _networks(cfg, init)
     a, plan = cfg.algo, RunPlan.of(cfg)
-    return Learner(
+    learner = Learner(
         sampler,
         critic,
         baseline,
@@ -97,12 +108,16 @@ def make_learner(cfg: Config, init: InitState) -> Learner:
         seed=plan.seeds.learner,
         lr_decay_phases=cfg.trainer.iterations if a.policy_lr_decay == "linear" else None,
         ema_decay=a.ema_decay,
+        perf=cfg.perf,
     )
+    if cfg.perf.compile:
+        warm_up(learner.ctx.forward, init.data_shape, learner.device, backward=True)
+    return learner
 
 
 def make_critic_learner(cfg: Config, init: InitState, real_data: np.ndarray | None = None) -> CriticLearner:
     """The critic learner; loads the real data itself unless given (Ray actors load their own)."""
-    torch.set_num_threads(cfg.torch_threads)
+    _set_up_process(cfg)
     _, critic, baseline = _networks(cfg, init)
     a = cfg.algo
     data = real_data if real_data is not None else load_real_data(cfg)

@@ -182,6 +182,23 @@ class RolloutConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PerfConfig:
+    precision: Literal["fp32", "bf16"] = doc_field(
+        "fp32", "The sampler's forward in rollouts and policy steps: fp32, or bf16 autocast (its mean, log-prob "
+        "and optimiser stay fp32; evaluation always samples in fp32).",
+    )
+    compile: bool = doc_field(
+        False, "torch.compile the sampler's forward (compiled at a warm-up call, not timed as training; where it "
+        "fails: a warning, then eager).",
+    )
+    channels_last: bool = doc_field(False, "Keep the U-Net's weights in channels_last memory format (GPU convolutions).")
+    tf32: bool = doc_field(
+        False, "Allow TF32 matmuls and convolutions on GPUs (faster, 10-bit mantissas; off: the worker's and the "
+        "learner's kernels round alike).",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class RayConfig:
     backend: Literal["ray", "local"] = doc_field(
         "ray", "ray: actors; local: the same components in one process (debugging, overhead baselines)."
@@ -213,6 +230,8 @@ class Config:
     algo: AlgoConfig = doc_field(doc="Fine-tuning algorithm (Algorithm 1).", default_factory=AlgoConfig)
     trainer: TrainerConfig = doc_field(doc="The training loop.", default_factory=TrainerConfig)
     rollout: RolloutConfig = doc_field(doc="Rollout workers.", default_factory=RolloutConfig)
+    perf: PerfConfig = doc_field(doc="How the sampler network runs (precision, compilation, memory format).",
+                                 default_factory=PerfConfig)
     ray: RayConfig = doc_field(doc="Ray.", default_factory=RayConfig)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
@@ -15,6 +16,7 @@ from sftrl.optim import gradient_step
 from sftrl.weights import NumpyState, Weights, load_numpy_state, tensor_view, to_numpy_state
 
 Regulariser = Literal["B", "GP"]
+UPDATE_S = "update_s"  # seconds one update took (the trainer sums them: time/critic_s)
 REGULARISERS: tuple[str, ...] = ("B", "GP")
 
 
@@ -75,8 +77,14 @@ class CriticLearner:
         self.version = 0
 
     def update(self, blocks: Sequence[TrajectoryBlock]) -> list[dict[str, float]]:
-        """One update per block; returns one metrics dict per update."""
-        return [self._update_one(block) for block in blocks]
+        """One update per block; returns one metrics dict per update (with its ``update_s``)."""
+        out = []
+        for block in blocks:
+            start = time.perf_counter()
+            metrics = self._update_one(block)
+            metrics[UPDATE_S] = time.perf_counter() - start
+            out.append(metrics)
+        return out
 
     def update_and_publish(self, *blocks: TrajectoryBlock) -> tuple[list[dict[str, float]], Weights]:
         """One critic phase, then the new weights: ``(metrics, get_weights())``. The blocks are

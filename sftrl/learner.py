@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 from torch import nn
@@ -10,9 +11,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from sftrl.algos.base import PolicyAlgorithm, PolicyContext, Shard
 from sftrl.buffer import TransitionBatch
+from sftrl.config import PerfConfig
 from sftrl.diffusion.schedules import SamplingSchedule
 from sftrl.diffusion.step import Reduction
+from sftrl.perf import runner
 from sftrl.weights import Weights, load_numpy_state, to_numpy_state
+
+PHASE_S = "phase_s"  # seconds of a generator phase (on its first step's metrics)
+DATA_BYTES = "data_bytes"  # bytes of the transitions the phase was handed (likewise)
 
 
 def sampler_state_dict(learner_state: dict) -> dict:
@@ -59,7 +65,9 @@ class Learner:
         seed: int = 0,
         lr_decay_phases: int | None = None,
         ema_decay: float = 0.0,
+        perf: PerfConfig | None = None,
     ):
+        """``perf``: how the sampler runs in policy steps (``sftrl.perf.runner``; None: float32, eager)."""
         self.device = torch.device(device)
         # Eval mode: dropout would make the re-scored log-prob differ from the rollout's (the
         # ratio must be exactly 1 before an update); gradients flow all the same.
@@ -86,6 +94,7 @@ class Learner:
             data_shape=tuple(data_shape),
             generator=torch.Generator(device=self.device).manual_seed(seed),
             device=self.device,
+            net=runner(self.policy, perf or PerfConfig(), self.device),
         )
         self.ema = (
             AveragedModel(self.policy, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
@@ -115,7 +124,11 @@ class Learner:
         """One generator phase with the given critic version; returns per-step metrics."""
         self.set_critic_weights(critic)
         self.ctx.version = self.version
+        start = time.perf_counter()
         metrics = self.algorithm.update(self.ctx, data)
+        if metrics:  # the phase's time and what it was handed: the trainer's time/learner_s, bytes/policy_batch
+            metrics[0] = {**metrics[0], PHASE_S: time.perf_counter() - start,
+                          DATA_BYTES: float(data.nbytes) if data is not None else 0.0}
         self.version += 1
         if self.ema is not None:
             self.ema.update_parameters(self.policy)

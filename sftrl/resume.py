@@ -22,7 +22,7 @@ from sftrl.rundir import check_checkpoint_belongs
 # other difference from the checkpoint's config would continue a different experiment.
 RESUMABLE_CHANGES = ("name", "device", "torch_threads", "trainer.", "ray.", "rollout.num_workers",
                      "rollout.num_cpus_per_worker", "rollout.num_gpus_per_worker", "rollout.max_restarts",
-                     "rollout.call_timeout_", "pretrain.cache_dir", "data.path")
+                     "rollout.call_timeout_", "perf.", "pretrain.cache_dir", "data.path")
 
 
 def resume_state(resume: str, cfg: Config, run_dir: Path, overrides: list[str]) -> dict[str, Any]:

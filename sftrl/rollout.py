@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from sftrl.buffer import TrajectoryBlock
+from sftrl.config import PerfConfig
 from sftrl.diffusion.schedules import SamplingSchedule
 from sftrl.diffusion.step import Reduction, denoise_step
+from sftrl.perf import runner
 from sftrl.weights import NumpyState, Weights, load_numpy_state
 from sftrl_envs.denoising import DenoisingChainVectorEnv
 
@@ -48,9 +50,12 @@ class RolloutWorker:
         device: str = "cpu",
         seed: int = 0,
         worker_id: str = "worker-0",
+        perf: PerfConfig | None = None,
     ):
+        """``perf``: how the sampler runs (``sftrl.perf.runner``; None: float32, eager)."""
         self.device = torch.device(device)
         self.policy = policy.to(self.device).eval()
+        self.net = runner(self.policy, perf or PerfConfig(), self.device)  # what rollouts call
         self.critic = critic.to(self.device).eval()
         self.tables = schedule.tables(self.device)
         self.data_shape = tuple(data_shape)
@@ -95,6 +100,7 @@ class RolloutWorker:
             "policy_version": self.policy_version,
             "reward_mean": float(rewards.mean()),
             "nonfinite_chains": [b.nonfinite_chains() for b in blocks],  # per block
+            "bytes": sum(b.nbytes for b in blocks),  # what the critic and the buffer read of this call
             "seconds": time.perf_counter() - start,
         }
         return (*blocks, summary)
@@ -132,7 +138,7 @@ class RolloutWorker:
         terminated = torch.zeros(num_chains, dtype=torch.bool)
         while not bool(terminated.all()):
             out = denoise_step(
-                self.policy,
+                self.net,
                 self.tables,
                 obs["x"],
                 obs["n"],

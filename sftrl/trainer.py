@@ -24,7 +24,9 @@ from sftrl.checkpoint import save_checkpoint
 from sftrl.clients import Future, Metrics
 from sftrl.config import Config
 from sftrl.configtools import to_dict
+from sftrl.critic import UPDATE_S
 from sftrl.handles import ComponentLost
+from sftrl.learner import DATA_BYTES, PHASE_S
 from sftrl.ledger import RunLedger
 from sftrl.optim import SKIPPED
 from sftrl.plan import RunPlan
@@ -48,10 +50,14 @@ class NonFiniteError(RuntimeError):
     checkpoint."""
 
 
+# What the components measure of themselves: summed into time/ and bytes/ lines, not averaged.
+OWN_MEASURES = (UPDATE_S, PHASE_S, DATA_BYTES)
+
+
 def mean_metrics(entries: list[dict[str, float]], prefix: str) -> dict[str, float]:
     """Average each metric over a phase's steps, NaNs ignored; keys become ``prefix/name``."""
     out: dict[str, float] = {}
-    for key in {k for e in entries for k in e}:
+    for key in {k for e in entries for k in e} - set(OWN_MEASURES):
         values = [e[key] for e in entries if key in e and not math.isnan(e[key])]
         out[f"{prefix}/{key}"] = sum(values) / len(values) if values else float("nan")
     return out
@@ -94,6 +100,7 @@ class Trainer:
         self._critic_weights: Future = system.critic.get_weights()
         self._policy_weights: Future | None = None  # theta's latest published version
         self._rollout_reward = float("nan")
+        self._rollout_s = self._rollout_bytes = 0.0
         self._weights_lag = 0
         self._previous_end: float | None = None  # perf_counter() at the end of the last step
         self._saved: tuple | None = None  # (iteration, evaluations, events) of the last checkpoint
@@ -213,6 +220,8 @@ class Trainer:
         self.counters["chains"] += blocks * self.plan.batch_size
         self.counters["transitions"] += blocks * self.plan.transitions_per_block
         self._rollout_reward = sum(s["reward_mean"] for s in summaries) / len(summaries)
+        self._rollout_s = max(s.get("seconds", 0.0) for s in summaries)
+        self._rollout_bytes = float(sum(s.get("bytes", 0) for s in summaries))
         # Versions the rollouts ran behind the learner (0 in sync mode; the metric to watch in async).
         self._weights_lag = self.iteration - min(s["policy_version"] for s in summaries)
         self._count_nonfinite([{SKIPPED: float(n > 0)} for s in summaries for n in s.get("nonfinite_chains", [])],
@@ -251,6 +260,13 @@ class Trainer:
             "rollout/reward_mean": self._rollout_reward,
             "rollout/weights_lag": self._weights_lag,
             "time/iteration_s": seconds,
+            # Where it went: the slowest rollout call, the critic's updates, the generator phase
+            # (each measured inside its component; the rest is transfers, waiting and the driver).
+            "time/rollout_s": self._rollout_s,
+            "time/critic_s": sum(m.get(UPDATE_S, 0.0) for m in critic_metrics),
+            "time/learner_s": sum(m.get(PHASE_S, 0.0) for m in policy_metrics),
+            "bytes/rollout_blocks": self._rollout_bytes,
+            "bytes/policy_batch": sum(m.get(DATA_BYTES, 0.0) for m in policy_metrics),
             "throughput/rollout_chains_per_s": self.plan.chains_per_iteration / seconds,
             "throughput/policy_transitions_per_s": len(policy_metrics) * self.plan.batch_size / seconds,
         }

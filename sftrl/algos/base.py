@@ -61,7 +61,8 @@ class Shard:
 
 @dataclasses.dataclass
 class PolicyContext:
-    """Everything an algorithm's update may touch, owned by the Learner."""
+    """Everything an algorithm's update may touch, owned by the Learner. ``policy`` holds theta
+    (the optimiser's parameters); ``forward`` is how it is called (precision, compilation)."""
 
     policy: nn.Module
     optimizer: torch.optim.Optimizer
@@ -77,7 +78,12 @@ class PolicyContext:
     generator: torch.Generator
     device: torch.device
     version: int = 0  # theta's version as the generator phase starts (transitions carry theirs)
+    net: nn.Module | None = None  # how to call the policy (``sftrl.perf.runner``); None: the policy itself
     shard: Shard = dataclasses.field(default_factory=Shard)  # this learner's rows (several learners)
+
+    @property
+    def forward(self) -> nn.Module:
+        return self.net if self.net is not None else self.policy
 
 
 class PolicyAlgorithm(abc.ABC):

@@ -29,6 +29,9 @@ CLIP_FRACTION = "clip_fraction"
 RATIO_MIN = "ratio_min"
 RATIO_MEAN = "ratio_mean"
 RATIO_MAX = "ratio_max"
+# |log pi_learner - log pi_rollout| (density) of transitions collected with the current theta, at
+# a phase's first policy step: 0 when worker and learner compute the same log-prob; "/n{n}" per step.
+RESCORE_LOG_RATIO_ABSMAX = "rescore_log_ratio_absmax"
 REWARD_MEAN = "reward_mean"
 IMPORTANCE_WEIGHT_MEAN = "importance_weight_mean"
 IMPORTANCE_WEIGHT_TRUNCATED = "importance_weight_truncated"

@@ -6,7 +6,7 @@ import torch
 
 from sftrl.algos import losses
 from sftrl.algos.base import PolicyAlgorithm, PolicyContext, register
-from sftrl.algos.sft_pg import dims_averaged, relabel, rescore
+from sftrl.algos.sft_pg import dims_averaged, relabel, rescore, rescore_metrics
 from sftrl.buffer import TransitionBatch
 from sftrl.optim import gradient_step
 
@@ -29,7 +29,7 @@ class PPO(PolicyAlgorithm):
         advantage = reward - values  # (N,)
         params = list(ctx.policy.parameters())
         dims = dims_averaged(ctx)
-        out = []
+        out: list[dict[str, float]] = []
         for _ in range(self.settings.ppo_epochs):
             order = torch.randperm(len(batch), generator=ctx.generator, device=ctx.device)
             for start in range(0, len(batch), ctx.batch_size):
@@ -38,6 +38,8 @@ class PPO(PolicyAlgorithm):
                 log_prob = rescore(ctx, mb)
                 loss, metrics = losses.ppo_clip_loss(log_prob, mb.log_prob, advantage[index], self.settings.ppo_clip,
                                                      dims)
+                if not out:  # the phase's first step: theta is still the rollouts' own
+                    metrics |= rescore_metrics(log_prob, mb, ctx)
                 metrics |= gradient_step(loss, [ctx.optimizer], params, ctx.max_grad_norm, reduce)
                 out.append(metrics)
         return out

@@ -26,7 +26,7 @@ class PathwiseSFT(PolicyAlgorithm):
                 (ctx.batch_size, *ctx.data_shape), generator=ctx.generator, device=ctx.device
             )
             trajectory = rollout(
-                ctx.policy, ctx.tables, x_start, generator=ctx.generator, final_step_std=ctx.final_step_std
+                ctx.forward, ctx.tables, x_start, generator=ctx.generator, final_step_std=ctx.final_step_std
             )
             loss, metrics = losses.pathwise_loss(ctx.critic(trajectory.x_0))
             metrics |= gradient_step(loss, [ctx.optimizer], params, ctx.max_grad_norm)

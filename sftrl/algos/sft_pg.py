@@ -22,7 +22,7 @@ def relabel(ctx: PolicyContext, batch: TransitionBatch) -> tuple[torch.Tensor, t
 def rescore(ctx: PolicyContext, batch: TransitionBatch) -> torch.Tensor:
     """log pi_theta(x_{n-1} | x_n) of stored transitions under the current policy, ``(B,)``."""
     return denoise_step(
-        ctx.policy,
+        ctx.forward,
         ctx.tables,
         batch.x_n,
         batch.n,
@@ -42,6 +42,22 @@ def ratio_metrics(log_prob: torch.Tensor, behaviour_log_prob: torch.Tensor, dims
     """Min, mean and max of the density ratio pi / pi_behaviour (``dims``: see ``dims_averaged``)."""
     ratio = ((log_prob.detach() - behaviour_log_prob) * dims).exp()
     return {losses.RATIO_MIN: ratio.min().item(), losses.RATIO_MEAN: ratio.mean().item(), losses.RATIO_MAX: ratio.max().item()}
+
+
+def rescore_metrics(log_prob: torch.Tensor, batch: TransitionBatch, ctx: PolicyContext) -> dict[str, float]:
+    """How far the learner's log-prob of a transition is from the one its worker recorded, for the
+    transitions collected with theta as the phase starts (before any step they must agree: the
+    same weights, the same transition): the largest |log density ratio|, overall and per step n
+    (``/n{n}``; the last steps, with the smallest std, amplify any difference most)."""
+    current = batch.version == ctx.version
+    if not bool(current.any()):
+        return {}
+    gap = ((log_prob.detach() - batch.log_prob).abs() * dims_averaged(ctx))[current]  # (B_current,)
+    steps = batch.n[current]
+    out = {losses.RESCORE_LOG_RATIO_ABSMAX: gap.max().item()}
+    for n in steps.unique().tolist():
+        out[f"{losses.RESCORE_LOG_RATIO_ABSMAX}/n{n}"] = gap[steps == n].max().item()
+    return out
 
 
 def stale_importance_weights(
@@ -89,6 +105,8 @@ class SFTPG(PolicyAlgorithm):
                 metrics[losses.IMPORTANCE_WEIGHT_MEAN] = weight.mean().item()
                 metrics[losses.IMPORTANCE_WEIGHT_TRUNCATED] = weights[1][rows].float().mean().item()
             metrics |= ratio_metrics(log_prob, mb.log_prob, dims_averaged(ctx))
+            if j == 0:
+                metrics |= rescore_metrics(log_prob, mb, ctx)
             metrics |= gradient_step(loss, [ctx.optimizer], params, ctx.max_grad_norm, reduce)
             out.append(metrics)
         return out
