@@ -125,6 +125,16 @@ class LearnerClient(Client):
         return self.handle.call(Learner.load_state_dict, state)
 
 
+def combine_shards(steps: tuple[dict[str, float], ...]) -> dict[str, float]:
+    """One policy step's metrics from the members' (a key some members lack: over those that have it)."""
+    out = {}
+    for key in dict.fromkeys(k for step in steps for k in step):
+        values = [step[key] for step in steps if key in step]
+        name = key.split("/")[0]
+        out[key] = max(values) if name.endswith("max") else min(values) if name.endswith("min") else sum(values) / len(values)
+    return out
+
+
 class LearnerGroup(LearnerClient):
     """Several learners sharing each policy batch (``ray.num_learners``, ``Learner.join_group``):
     every update goes to all of them; they hold the same weights, so member 0 publishes them,
@@ -143,9 +153,10 @@ class LearnerGroup(LearnerClient):
         return [metrics for metrics, _ in calls], calls[0][1]
 
     def metrics(self, future: Future) -> Metrics:
-        """Each policy step's metrics averaged over the members (each saw its share of the rows)."""
+        """Each policy step's metrics over the members (each saw its share of the rows): the
+        largest of a maximum, the smallest of a minimum, the mean of anything else."""
         per_member = [m.handle.resolve(f) for m, f in zip(self._members, future, strict=True)]
-        return [{k: sum(step[k] for step in steps) / len(steps) for k in steps[0]} for steps in zip(*per_member)]
+        return [combine_shards(steps) for steps in zip(*per_member)]
 
     def load_state_dict(self, state: dict) -> Future:
         return [m.load_state_dict(state) for m in self._members]

@@ -206,6 +206,10 @@ class RayConfig:
     address: str | None = doc_field(
         None, "Ray cluster address; null: join the cluster this job runs on, else start Ray in-process."
     )
+    placement_timeout_s: float = doc_field(
+        600.0, "How long a joined cluster may take to place the run's actors (an autoscaler adding nodes) before the "
+        "run stops naming what is missing.", valid=Range(1.0),
+    )
     num_cpus: int | None = doc_field(None, "CPUs for an in-process Ray (null: all).", valid=Range(1, note="(null: all of this machine's)"))
     num_learners: int = doc_field(
         1, "Learner actors sharing each policy batch (gradients summed across them with torch.distributed: "

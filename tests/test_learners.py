@@ -65,3 +65,17 @@ def test_learners_that_cannot_share_a_batch_are_refused():
         load(SMOKE, ["algo.name=sft", "algo.critic_regulariser=GP", "ray.num_learners=2"])
     with pytest.raises(ConfigError, match="several learners are Ray actors: use ray.backend=ray"):
         load(SMOKE, ["ray.backend=local", "ray.num_learners=2"])
+
+
+def test_a_joined_cluster_that_cannot_place_the_actors_stops_in_bounded_time_naming_what_is_missing(local_ray):
+    import time
+
+    from sftrl.distributed import RaySystemLaunch
+    from sftrl.handles import ResourceError
+
+    cfg = load(SMOKE, ["rollout.num_gpus_per_worker=1", "ray.placement_timeout_s=2"])
+    start = time.monotonic()
+    with pytest.raises(ResourceError, match=r"could not place this run's actors within 2 s .*GPU: 1 .*the cluster has "
+                                            r"CPU 2, GPU 0"):
+        RaySystemLaunch(cfg, (2,), fixed_size=False)  # a joined cluster: an autoscaler might have added a node
+    assert time.monotonic() - start < 30

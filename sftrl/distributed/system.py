@@ -175,7 +175,47 @@ def check_resources(cfg: Config, have: dict[str, float], *, fixed: bool) -> str 
         hint = " (set rollout.num_gpus_per_worker=0 ray.learner_num_gpus=0 ray.critic_num_gpus=0)" if any(
             s.startswith("GPU") for s in short) else ""
         raise ResourceError(f"{message}. Lower them{hint}, or give ray.address of a larger cluster")
-    return f"warning: {message}; waiting for the cluster to grow (an autoscaler may add nodes)"
+    return (f"warning: {message}; waiting up to ray.placement_timeout_s = {cfg.ray.placement_timeout_s:g} s for the "
+            "cluster to grow (an autoscaler may add nodes)")
+
+
+def placement_bundles(cfg: Config) -> dict[str, dict[str, float]]:
+    """What each actor that reserves anything reserves, by actor name: the bundles of the run's
+    placement group (the buffer and actors without a share reserve nothing)."""
+    r, g = cfg.rollout, cfg.ray
+    asks = {worker_name(i): {"CPU": r.num_cpus_per_worker, "GPU": r.num_gpus_per_worker} for i in range(r.num_workers)}
+    asks |= {learner_name(k, g.num_learners): {"GPU": g.learner_num_gpus} for k in range(g.num_learners)}
+    asks["critic"] = {"GPU": g.critic_num_gpus}
+    bundles = {name: {k: v for k, v in ask.items() if v > 0} for name, ask in asks.items()}
+    return {name: bundle for name, bundle in bundles.items() if bundle}
+
+
+def learner_name(index: int, count: int) -> str:
+    return f"learner-{index}" if count > 1 else "learner"
+
+
+def reserve(cfg: Config) -> tuple[Any, dict[str, int]]:
+    """One placement group for every actor that reserves resources, so that a run starts all of
+    its actors or none: ``(group, bundle index by actor name)``, or ``(None, {})`` when nothing is
+    reserved. A group the cluster cannot place within ``ray.placement_timeout_s`` is removed and
+    the run stops with what it asked for and what the cluster had."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundles = placement_bundles(cfg)
+    if not bundles:
+        return None, {}
+    group = placement_group(list(bundles.values()), strategy="SPREAD")  # rollout workers on different nodes
+    ready, _ = ray.wait([group.ready()], timeout=cfg.ray.placement_timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        asked = "; ".join(f"{r}: {amount:g} ({keys})" for r, (amount, keys) in resource_asks(cfg).items() if amount)
+        have = ", ".join(f"{r} {ray.cluster_resources().get(r, 0.0):g}" for r in ("CPU", "GPU"))
+        raise ResourceError(
+            f"the Ray cluster could not place this run's actors within {cfg.ray.placement_timeout_s:g} s "
+            f"(ray.placement_timeout_s): they ask {asked}, in bundles of {max(bundles.values(), key=len)} per actor; "
+            f"the cluster has {have}. Lower the asks, or add nodes that fit a bundle"
+        )
+    return group, {name: index for index, name in enumerate(bundles)}
 
 
 def actor_config(cfg: Config, num_gpus: float) -> Config:
@@ -200,6 +240,17 @@ class RaySystemLaunch:
         if warning:
             print(warning, file=sys.stderr, flush=True)
         self.cfg = cfg
+        self.group, bundle_of = reserve(cfg)
+
+        def placed(name: str) -> dict[str, Any]:
+            """Where the actor ``name`` goes: its bundle of the placement group, if it reserves any."""
+            if name not in bundle_of:
+                return {}
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=self.group, placement_group_bundle_index=bundle_of[name])}
+
         actor: Any = ray.remote(ComponentActor)  # an ActorClass: typed loosely by Ray
         # Every argument is small and inlined: restartable workers must not depend on
         # object-store arguments, and every collect() call brings the current weights anyway.
@@ -210,23 +261,24 @@ class RaySystemLaunch:
                 num_cpus=r.num_cpus_per_worker,
                 num_gpus=r.num_gpus_per_worker,
                 max_restarts=r.max_restarts,
-                scheduling_strategy="SPREAD",
+                **(placed(worker_name(i)) or {"scheduling_strategy": "SPREAD"}),
             ).remote(components.make_rollout_worker, actor_config(cfg, r.num_gpus_per_worker), shape_only, i)
             for i in range(r.num_workers)
         ]
         self.buffer = actor.options(num_cpus=0).remote(_ray_buffer)
-        self.critic = actor.options(num_cpus=0, num_gpus=cfg.ray.critic_num_gpus).remote(
+        self.critic = actor.options(num_cpus=0, num_gpus=cfg.ray.critic_num_gpus, **placed("critic")).remote(
             components.make_critic_learner, actor_config(cfg, cfg.ray.critic_num_gpus), shape_only
         )
-        self.learners = [actor.options(num_cpus=0, num_gpus=cfg.ray.learner_num_gpus).remote()
-                         for _ in range(cfg.ray.num_learners)]
+        self.learners = [actor.options(num_cpus=0, num_gpus=cfg.ray.learner_num_gpus,
+                                       **placed(learner_name(k, cfg.ray.num_learners))).remote()
+                         for k in range(cfg.ray.num_learners)]
 
     def finish(self, init: components.InitState) -> System:
         """Build the learners from the pretrained sampler (waits for them; several join one
         torch.distributed group) and hand out the handles."""
         handles = [RayHandle(w, worker_name(i)) for i, w in enumerate(self.workers)]
         many = len(self.learners) > 1
-        learners = [RayHandle(a, f"learner-{k}" if many else "learner") for k, a in enumerate(self.learners)]
+        learners = [RayHandle(a, learner_name(k, len(self.learners))) for k, a in enumerate(self.learners)]
         learner_cfg = actor_config(self.cfg, self.cfg.ray.learner_num_gpus)
         state = ray.put(init)
         learners[0].resolve([a.build.remote(components.make_learner, learner_cfg, state) for a in self.learners])
@@ -246,6 +298,11 @@ class RaySystemLaunch:
     def shutdown(self) -> None:
         for a in [*self.workers, self.buffer, *self.learners, self.critic]:
             ray.kill(a, no_restart=True)
+        if self.group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.group)
+            self.group = None
 
 
 def build_ray_system(cfg: Config, init: components.InitState, *, fixed_size: bool = False) -> System:
