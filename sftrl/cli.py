@@ -122,11 +122,12 @@ def _load_run(run_dir: str, checkpoint: str | None):
 
 
 def _data_shape(cfg, policy_state) -> tuple[int, ...]:
+    """The shape of one sample, from the weights and the config: the data set is never read."""
     if cfg.model.sampler == "toy-mlp":
         return (int(policy_state["out.weight"].shape[0]),)
-    from sftrl.data import load_real_data
+    from sftrl.data import image_shape
 
-    return tuple(load_real_data(cfg).shape[1:])
+    return image_shape(cfg, int(policy_state["conv_in.weight"].shape[1]))
 
 
 def _sample(args: argparse.Namespace) -> int:

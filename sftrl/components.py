@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 
 from sftrl.algos import make_algorithm
 from sftrl.buffer import ReplayBuffer
 from sftrl.config import Config
 from sftrl.critic import CriticLearner, TensorData
-from sftrl.data import load_real_data
+from sftrl.data import RealData, load_real_data
+from sftrl.data.store import ImageStore
 from sftrl.learner import Learner
 from sftrl.models import build_networks
 from sftrl.perf import set_matmul_precision, warm_up
@@ -115,16 +115,16 @@ def make_learner(cfg: Config, init: InitState) -> Learner:
     return learner
 
 
-def make_critic_learner(cfg: Config, init: InitState, real_data: np.ndarray | None = None) -> CriticLearner:
+def make_critic_learner(cfg: Config, init: InitState, real_data: RealData | None = None) -> CriticLearner:
     """The critic learner; loads the real data itself unless given (Ray actors load their own)."""
     _set_up_process(cfg)
     _, critic, baseline = _networks(cfg, init)
     a = cfg.algo
-    data = real_data if real_data is not None else load_real_data(cfg)
+    data = real_data if real_data is not None else load_real_data(cfg, progress=False)
     return CriticLearner(
         critic,
         baseline,
-        TensorData(data),
+        data if isinstance(data, ImageStore) else TensorData(data),  # images: uint8, a batch converted at a time
         regulariser=a.critic_regulariser,
         lam=a.lam,
         gp_eta=a.gp_eta,

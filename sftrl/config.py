@@ -42,6 +42,14 @@ class DataConfig:
     image_size: int | None = doc_field(None, "Image sets: side length after cropping/resizing (null: the set's own).", valid=Range(1, 4096))
     seed: int = doc_field(0, "Seed of the training-set draw (toy sets).", valid=Range(0, SEED_MAX))
     limit: int | None = doc_field(None, "Image sets: use only the first N images (quick runs and tests).", valid=Range(1, MAX_SAMPLES))
+    flip: bool | None = doc_field(
+        None, "Image sets: flip real images left-right at random, in critic and pretraining batches (null: as the "
+        "authors' code, on for cifar10 and celeba).",
+    )
+    split: Literal["train", "all"] = doc_field(
+        "train", "celeba: the official 162,770-image train split (list_eval_partition.txt where present, else "
+        "the first 162,770 files by name), or all 202,599.",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +94,11 @@ class ModelConfig:
     critic_channels: tuple[int, ...] = doc_field(
         (256, 512, 1024), "Image critic: channels of its three stride-2 convs (paper 256-512-1024; code 128-256-512).",
         valid=Range(1, MAX_WIDTH, items=3),
+    )
+    image_init: Literal["authors", "torch"] = doc_field(
+        "authors", "Image critic and baseline init: authors (their code: Kaiming-normal conv weights, "
+        "Xavier-normal linear weights, biases as PyTorch's) or torch (PyTorch's defaults: a critic "
+        "about 30x smaller at the start, which shifts the early balance of the IPM gap and lambda R_B)."
     )
     unet_ch: int = doc_field(128, "U-Net base channels (the DDPM CIFAR-10/CelebA models: 128).", valid=Range(1, MAX_WIDTH))
     unet_ch_mult: tuple[int, ...] = doc_field((1, 2, 2, 2), "U-Net channel multipliers per resolution (CelebA: 1,2,2,2,4).", valid=Range(1, 64, items="1+"))

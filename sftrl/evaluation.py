@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from sftrl.data.store import ImageStore
 from sftrl.diffusion.schedules import SamplingSchedule
 from sftrl.diffusion.step import sample
 from sftrl.metrics.wasserstein import exact_w2, sw2_report
-from sftrl.weights import NumpyState, load_numpy_state
+from sftrl.weights import NumpyState, load_numpy_state, tensor_view
 
 # Real images the FID/KID reference holds at most (the first N of the training set): CIFAR-10's
 # whole 50K training set, as in Table 3; CelebA's 162K-202K would cost ~10 GB of float32 at 64x64.
@@ -127,16 +128,20 @@ class ImageEvaluator:
         self,
         sampler: nn.Module,
         schedule: SamplingSchedule,
-        real_images: np.ndarray,
+        real_images: np.ndarray | ImageStore,
         extractor: nn.Module,
         settings: ImageEvalSettings,
         *,
         device: str = "cpu",
     ):
+        """``real_images``: the reference set, of which the first ``FID_REAL_MAX`` count (floats in
+        [-1, 1], or an ``ImageStore``'s ``uint8``, read a batch at a time, never flipped)."""
         self.device = torch.device(device)
         self.sampler = sampler.to(self.device).eval()
         self.tables = schedule.tables(self.device)
-        self.real_images = torch.as_tensor(real_images)  # (N_real, C, H, W) in [-1, 1], on CPU
+        reference = real_images.images if isinstance(real_images, ImageStore) else real_images
+        self.real_images = tensor_view(reference[:FID_REAL_MAX])  # (N_real, C, H, W) on CPU: a view, no copy
+        self._real_features: torch.Tensor | None = None  # the reference's features: the same at every evaluation
         if self.real_images.dim() != 4:
             raise ValueError(f"real images must be (N, C, H, W), got {tuple(self.real_images.shape)}")
         self.data_shape = tuple(self.real_images.shape[1:])
@@ -160,14 +165,17 @@ class ImageEvaluator:
         return check_finite(x.cpu().numpy())
 
     def evaluate(self, weights: NumpyState | None) -> dict[str, float | str]:
-        from sftrl.metrics.fid import FeatureExtractor, fid_kid
+        from sftrl.metrics.fid import FeatureExtractor, extract_features, fid_kid
 
         s = self.settings
         fake = self.sample(weights, s.num_samples, s.seed)  # (N, C, H, W)
+        if self._real_features is None:
+            self._real_features = extract_features(self.real_images, self.extractor, s.batch_size)
         result = fid_kid(
             self.real_images,
             fake,
             cast(FeatureExtractor, self.extractor),  # an nn.Module with a name and num_features
+            real_features=self._real_features,
             kid_subset_size=s.kid_subset_size,
             batch_size=s.batch_size,
             seed=s.seed,
@@ -224,8 +232,10 @@ def choose_extractor(cfg, data_shape: tuple[int, ...]) -> tuple[nn.Module | None
     )
 
 
-def build_image_evaluator(cfg, init):
-    """:class:`ImageEvaluator` for ``cfg``, or :class:`SkippedImageEvaluator` saying why not."""
+def build_image_evaluator(cfg, init, real=None):
+    """:class:`ImageEvaluator` for ``cfg``, or :class:`SkippedImageEvaluator` saying why not.
+    ``real``: the training set where the caller holds it (else it is loaded: a memory map of the
+    decode cache, or the arrays)."""
     from sftrl.components import resolve_device
     from sftrl.data import load_real_data
     from sftrl.models import build_unet
@@ -235,9 +245,8 @@ def build_image_evaluator(cfg, init):
     if extractor is None:
         print(f"warning: {reason}", file=sys.stderr)
         return SkippedImageEvaluator(reason)
-    limit = min(cfg.data.limit or FID_REAL_MAX, FID_REAL_MAX)
-    real_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, limit=limit))
-    real = load_real_data(real_cfg)  # (N_real, C, H, W) in [-1, 1]
+    if real is None:
+        real = load_real_data(cfg, progress=False)  # (N, C, H, W): its first FID_REAL_MAX are the reference
     sampler = build_unet(cfg, init.data_shape)
     if init.sampler_state is not None:
         load_numpy_state(sampler, init.sampler_state)
@@ -245,15 +254,15 @@ def build_image_evaluator(cfg, init):
     return ImageEvaluator(sampler, schedule_of(cfg), real, extractor, settings, device=resolve_device(cfg))
 
 
-def build_evaluator(cfg, init):
+def build_evaluator(cfg, init, real=None):
     """The evaluator for ``cfg``'s data: SW2 for 2-D sets, FID/KID (or the reason why not) for
-    images. ``evaluator.evaluate(weights) -> dict``."""
+    images, against ``real`` (the training set, loaded when not given). ``evaluator.evaluate(weights) -> dict``."""
     from sftrl.data import fresh_data_fn
     from sftrl.models import build_networks
     from sftrl.plan import Seeds, schedule_of
 
     if not cfg.is_toy:
-        return build_image_evaluator(cfg, init)
+        return build_image_evaluator(cfg, init, real)
     sampler, _, _ = build_networks(cfg, init.data_shape)
     t = cfg.trainer
     settings = EvalSettings(t.eval_samples, t.eval_draws, t.exact_w2_points, seed=Seeds(cfg.seed).evaluation)

@@ -11,15 +11,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
-
 from sftrl.components import InitState
 from sftrl.config import Config
+from sftrl.data import RealData
 from sftrl.signals import interrupt_on_sigterm
 from sftrl.system import System
 
 
-def build_initial_sampler(cfg: Config, data: np.ndarray, progress: bool, stop: threading.Event | None = None,
+def build_initial_sampler(cfg: Config, data: RealData, progress: bool, stop: threading.Event | None = None,
                           fingerprint: str | None = None) -> tuple[InitState, dict[str, Any]]:
     """The pretrained sampler (from ``model.checkpoint``, the cache or a pretraining run) as the
     components' ``InitState``, and what ``load_or_pretrain`` reports of it."""
@@ -43,7 +42,7 @@ class Launch:
         self.started_ray = False  # this command started Ray (and shuts it down)
         self.actors: Any = None  # a RaySystemLaunch once the actors are asked for
 
-    def start_while_pretraining(self, data: np.ndarray, progress: bool) -> tuple[InitState, dict[str, Any]]:
+    def start_while_pretraining(self, data: RealData, progress: bool) -> tuple[InitState, dict[str, Any]]:
         from sftrl.pretraining import cache_path
 
         data_shape = tuple(data.shape[1:])
@@ -72,7 +71,7 @@ class Launch:
         interrupt_on_sigterm()  # after Ray's start, which installs a handler that aborts with a stack dump
         self.actors = RaySystemLaunch(self.cfg, data_shape, fixed_size=self.started_ray)
 
-    def system(self, init: InitState, data: np.ndarray) -> System:
+    def system(self, init: InitState, data: RealData) -> System:
         """The components' clients: the Ray actors (started by ``start_while_pretraining``)
         finished with ``init``, else local objects."""
         from sftrl.system import build_local_system

@@ -26,6 +26,8 @@ from torch import nn
 
 from sftrl.config import Config, pretrain_key
 from sftrl.configtools import to_dict
+from sftrl.data import RealData
+from sftrl.data.store import ImageStore
 from sftrl.diffusion.betas import alphas_cumprod, make_betas
 from sftrl.diffusion.pretrain import eps_mse
 from sftrl.files import torch_save_atomic
@@ -55,7 +57,7 @@ class PretrainingFailed(ValueError):
 
 def pretrain_sampler(
     model: nn.Module,
-    data: np.ndarray,
+    data: RealData,
     betas: np.ndarray,
     *,
     epochs: int,
@@ -70,8 +72,9 @@ def pretrain_sampler(
 ) -> dict:
     """eps-MSE training (Ho et al.) with RMSprop and gradient clipping, the paper's recipe.
 
-    ``data`` ``(N, *D)`` (flat toy points or images ``(N, C, H, W)``); ``betas`` ``(T,)``. An epoch
-    is one shuffled pass over the data. With ``ema_decay`` the model ends with the exponential
+    ``data`` ``(N, *D)`` (flat toy points or images ``(N, C, H, W)``: an array, held on the device
+    whole, or an ``ImageStore``, converted a batch at a time, flipped where it flips); ``betas``
+    ``(T,)``. An epoch is one shuffled pass over the data. With ``ema_decay`` the model ends with the exponential
     moving average of its weights (decay ``min(ema_decay, (1 + k) / (10 + k))`` at step k, so the
     initial weights are forgotten early). Returns ``{"epoch_loss": [...], "seconds": ...}``.
     ``stop``: checked at each epoch's start; once set, ``PretrainingStopped`` is raised.
@@ -80,7 +83,9 @@ def pretrain_sampler(
         raise PretrainingFailed("pretraining needs training data, and the data set holds no samples (check data.*)")
     where = torch.device(device)
     model = model.to(where).train()
-    x = torch.as_tensor(data, dtype=torch.float32, device=where)
+    store = data if isinstance(data, ImageStore) else None
+    x = None if store is not None else torch.as_tensor(data, dtype=torch.float32, device=where)
+    n = len(data)
     abar = torch.as_tensor(alphas_cumprod(betas), dtype=torch.float32, device=where)
     num_train_steps = len(betas)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=lr, foreach=True)
@@ -93,14 +98,21 @@ def pretrain_sampler(
         for _ in range(epochs):
             if stop is not None and stop.is_set():
                 raise PretrainingStopped(f"pretraining stopped after {len(history)} of {epochs} epochs")
-            perm = torch.randperm(len(x), generator=generator, device=where)
-            # One draw of timesteps and noise per epoch: fewer small RNG calls per step.
-            t_all = torch.randint(num_train_steps, (len(x),), generator=generator, device=where)
-            noise_all = torch.randn(x.shape, generator=generator, device=where)
+            perm = torch.randperm(n, generator=generator, device=where)
+            if x is not None:  # One draw of timesteps and noise per epoch: fewer small RNG calls per step.
+                t_all = torch.randint(num_train_steps, (n,), generator=generator, device=where)
+                noise_all = torch.randn(x.shape, generator=generator, device=where)
             total = torch.zeros((), device=where)
-            for start in range(0, len(x), batch_size):
+            for start in range(0, n, batch_size):
                 idx = perm[start : start + batch_size]
-                loss = eps_mse(model, x[idx], abar, t_all[start : start + batch_size], noise_all[idx])
+                if x is not None:
+                    x_b, t_b, noise_b = x[idx], t_all[start : start + batch_size], noise_all[idx]
+                else:  # images: one batch of floats at a time (CelebA as float32 is 8 GB)
+                    assert store is not None
+                    x_b = store.batch(idx, where, generator)  # (B, C, H, W), flipped where the set flips
+                    t_b = torch.randint(num_train_steps, (len(idx),), generator=generator, device=where)
+                    noise_b = torch.randn(x_b.shape, generator=generator, device=where)
+                loss = eps_mse(model, x_b, abar, t_b, noise_b)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
@@ -111,7 +123,7 @@ def pretrain_sampler(
                         average.lerp_(p.detach(), 1.0 - decay)
                 steps += 1
                 total += loss.detach() * len(idx)
-            epoch_loss = (total / len(x)).item()
+            epoch_loss = (total / n).item()
             history.append(epoch_loss)
             if not math.isfinite(epoch_loss):
                 raise PretrainingFailed(
@@ -274,10 +286,10 @@ def pretrain_ema_decay(cfg: Config) -> float | None:
     return decay or None
 
 
-def data_fingerprint(data: np.ndarray) -> str:
+def data_fingerprint(data: RealData) -> str:
     """A short hash of the training data's dtype, shape and values (about 1.5 GB/s): the part of
     the cache key the config cannot give, since the files at ``data.path`` may change."""
-    array = np.ascontiguousarray(data)
+    array = np.ascontiguousarray(data.images if isinstance(data, ImageStore) else data)
     digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
     digest.update(array.view(np.uint8).data)  # the bytes as they are, no copy
     return digest.hexdigest()[:16]
@@ -298,7 +310,7 @@ def cache_path(cfg: Config, fingerprint: str) -> Path:
 def load_or_pretrain(
     cfg: Config,
     model: nn.Module,
-    data: np.ndarray,
+    data: RealData,
     *,
     device: str = "cpu",
     progress: bool = True,

@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from sftrl.checkpoint import latest_checkpoint
 from sftrl.components import InitState
 from sftrl.config import Config, load
 from sftrl.configtools import dump_yaml
-from sftrl.data import load_real_data
+from sftrl.data import RealData, load_real_data
 from sftrl.errors import EXIT_USER_ERROR, USER_ERRORS, OneLineParser, UsageError
 from sftrl.files import out_of_space, quiet_disk_full_in_threads
 from sftrl.launch import Launch
@@ -77,7 +76,7 @@ class Job:
     resume_state: dict[str, Any] | None
     progress: bool
     started: float  # time.monotonic() as the command began, pretraining included
-    data: np.ndarray | None = None
+    data: RealData | None = None
     init: InitState | None = None
     pretrain_info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -159,16 +158,16 @@ def start_and_fine_tune(job: Job) -> int:
     try:
         torch.set_num_threads(cfg.torch_threads)
         resolve_device(cfg)  # a GPU asked for where there is none: said before anything starts
-        job.data = load_real_data(cfg)
-        check_networks(cfg, tuple(job.data.shape[1:]))
-        fingerprint = None if cfg.model.checkpoint else data_fingerprint(job.data)
+        job.data = data = load_real_data(cfg, progress=job.progress)
+        check_networks(cfg, tuple(data.shape[1:]))
+        fingerprint = None if cfg.model.checkpoint else data_fingerprint(data)
         check_cache_dir(cfg, fingerprint)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     launch = Launch(cfg, fingerprint)
     try:
-        job.init, job.pretrain_info = launch.start_while_pretraining(job.data, job.progress)
+        job.init, job.pretrain_info = launch.start_while_pretraining(data, job.progress)
     except USER_ERRORS as err:
         launch.abandon()
         print(f"error: {err}", file=sys.stderr)
@@ -224,7 +223,7 @@ def fine_tune(job: Job, launch: Launch) -> int:
         job.run.mark_written()  # only once the components exist: a bad ask writes nothing
         placement = system.placement()
         print(f"placement: {placement_summary(placement)}", file=sys.stderr, flush=True)
-        evaluator = build_evaluator(cfg, job.init)
+        evaluator = build_evaluator(cfg, job.init, job.data)
         tensorboard = TensorBoardLogger(run_dir / "tensorboard")
         trainer = Trainer(cfg, system, run_dir, evaluator.evaluate if evaluator else None, progress=job.progress,
                           log_sinks=(tensorboard,), started=job.started)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -119,3 +121,39 @@ def test_baseline_gradient_reaches_step_embedding():
     grad = baseline.layers[0].embedding.weight.grad
     assert grad[[1, 3]].abs().sum() > 0
     assert grad[[0, 2, 4]].abs().sum() == 0  # only the used steps' rows get gradient
+
+
+def test_the_authors_init_draws_kaiming_convs_and_xavier_linears_and_a_larger_critic():
+    torch.manual_seed(0)
+    critic = ImageCritic(3, 32, channels=(128, 256, 512))  # init="authors", the default
+    for conv in [*critic.down, critic.out]:
+        fan_in = conv.weight[0].numel()
+        assert conv.weight.std().item() == pytest.approx(math.sqrt(2.0 / fan_in), rel=0.1)  # Kaiming-normal
+    baseline = ImageBaseline((3, 32, 32), num_steps=10)
+    for linear in [*(layer.linear for layer in baseline.layers), baseline.out]:
+        fan_out, fan_in = linear.weight.shape
+        assert linear.weight.std().item() == pytest.approx(math.sqrt(2.0 / (fan_in + fan_out)), rel=0.15)  # Xavier
+    torch.manual_seed(0)
+    default = ImageCritic(3, 32, channels=(128, 256, 512), init="torch")
+    x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        ratio = critic(x).abs().mean() / default(x).abs().mean()
+    assert ratio > 10  # DESIGN: PyTorch's defaults give a ~33x smaller initial critic
+    with pytest.raises(ValueError, match="init must be one of"):
+        ImageCritic(3, 32, init="xavier")
+
+
+def test_model_image_init_reaches_the_built_networks():
+    from sftrl.config import load
+    from sftrl.models import build_networks
+
+    def critic_std(init):
+        cfg = load(None, ["data.name=digits", "model.sampler=unet", "model.unet_ch=32", "model.unet_ch_mult=[1]",
+                          "model.unet_num_res_blocks=1", "model.unet_attn_resolutions=[]",
+                          "model.critic_channels=[4,8,16]", f"model.image_init={init}"])
+        torch.manual_seed(0)
+        _, critic, _ = build_networks(cfg, (1, 8, 8))
+        return critic.down[2].weight.std().item()
+
+    assert critic_std("authors") == pytest.approx(math.sqrt(2.0 / (8 * 16)), rel=0.15)
+    assert critic_std("torch") < 0.5 * critic_std("authors")

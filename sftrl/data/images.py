@@ -21,9 +21,10 @@ loaders need no image library.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -93,6 +94,11 @@ def _resize(x: np.ndarray, image_size: int) -> np.ndarray:
         t, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=antialias
     )  # (N, C, s, s)
     return out.clamp_(-1.0, 1.0).numpy().astype(np.float32, copy=False)
+
+
+def resize_uint8(x: np.ndarray, image_size: int) -> np.ndarray:
+    """``uint8`` ``(N, C, H, W)`` resized as :func:`_resize` does, rounded back to ``uint8``."""
+    return np.rint((_resize(_uint8_to_unit(x), image_size) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
 
 
 def _check_image_size(image_size: int | None) -> int | None:
@@ -166,6 +172,11 @@ def _read_idx_images(file: Path) -> np.ndarray:
 
 
 def load_mnist(path: str | Path, split: Literal["train", "test"] = "train") -> np.ndarray:
+    """:func:`load_mnist_uint8` as ``float32`` in [-1, 1]."""
+    return _uint8_to_unit(load_mnist_uint8(path, split))
+
+
+def load_mnist_uint8(path: str | Path, split: Literal["train", "test"] = "train") -> np.ndarray:
     """MNIST digits from the original IDX files.
 
     ``path`` is a directory holding ``train-images-idx3-ubyte`` (``t10k-images-idx3-ubyte``
@@ -173,7 +184,7 @@ def load_mnist(path: str | Path, split: Literal["train", "test"] = "train") -> n
     the ``train-images.idx3-ubyte`` spelling are accepted too.
 
     Returns:
-        ``float32`` array ``(60000, 1, 28, 28)`` (test: 10000) in [-1, 1].
+        ``uint8`` array ``(60000, 1, 28, 28)`` (test: 10000).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -186,8 +197,7 @@ def load_mnist(path: str | Path, split: Literal["train", "test"] = "train") -> n
     for folder in (root, root / "raw", root / "MNIST" / "raw"):
         for name in names:
             if (folder / name).is_file():
-                images = _read_idx_images(folder / name)  # (N, 28, 28) uint8
-                return _uint8_to_unit(images[:, None])
+                return _read_idx_images(folder / name)[:, None]  # (N, 1, 28, 28) uint8
     raise _data_error(root, expected, MNIST_SOURCE, "MNIST image file not found")
 
 
@@ -261,6 +271,13 @@ def _read_cifar_batch(file: Path) -> np.ndarray:
 def load_cifar10(
     path: str | Path, split: Literal["train", "test"] = "train", limit: int | None = None
 ) -> np.ndarray:
+    """:func:`load_cifar10_uint8` as ``float32`` in [-1, 1]."""
+    return _uint8_to_unit(load_cifar10_uint8(path, split, limit))
+
+
+def load_cifar10_uint8(
+    path: str | Path, split: Literal["train", "test"] = "train", limit: int | None = None
+) -> np.ndarray:
     """CIFAR-10 from its python batches (``cifar-10-batches-py``, or the folder holding it).
 
     Each batch is a pickled dict whose ``b'data'`` is ``uint8`` ``(10000, 3072)``, one image per
@@ -269,8 +286,7 @@ def load_cifar10(
     it can run code.
 
     Returns:
-        ``float32`` array ``(50000, 3, 32, 32)`` (test: 10000; ``limit``: the first ``limit``)
-        in [-1, 1].
+        ``uint8`` array ``(50000, 3, 32, 32)`` (test: 10000; ``limit``: the first ``limit``).
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -283,7 +299,7 @@ def load_cifar10(
         count += len(parts[-1])
         if limit is not None and count >= limit:
             break
-    return _uint8_to_unit(np.concatenate(parts)[:limit])
+    return np.concatenate(parts)[:limit]
 
 
 # ---------------------------------------------------------------------- CelebA and folders
@@ -306,27 +322,60 @@ def _pil_to_array(img, channels: int) -> np.ndarray:
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
-def _fill(files: list[Path], decode, shape: tuple[int, int, int]) -> np.ndarray:
-    """Decode ``files`` one by one into a preallocated ``float32`` ``(N, *shape)`` array."""
-    out = np.empty((len(files), *shape), dtype=np.float32)
-    for i, file in enumerate(files):
-        out[i] = _uint8_to_unit(decode(file))
-    return out
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """Image files to decode one by one into ``uint8`` ``(C, H, W)`` images of ``shape``;
+    ``recipe`` says what ``decode`` does (the cache key holds it), ``note`` what the user should
+    know of the choice of files."""
+
+    name: str
+    files: list[Path]
+    decode: Callable[[Path], np.ndarray]
+    shape: tuple[int, int, int]
+    recipe: str
+    note: str = ""
+
+    def decode_all(self, out: np.ndarray | None = None, on_image: Callable[[int], object] | None = None) -> np.ndarray:
+        """Every image into ``out`` (a new array, or a memory map to fill) ``(N, *shape)`` uint8."""
+        if out is None:
+            out = np.empty((len(self.files), *self.shape), dtype=np.uint8)
+        for i, file in enumerate(self.files):
+            out[i] = self.decode(file)
+            if on_image is not None:
+                on_image(1)
+        return out
 
 
-def load_celeba(path: str | Path, image_size: int = 64, limit: int | None = None) -> np.ndarray:
+# CelebA's official split: list_eval_partition.txt marks the first 162,770 images (by name) train.
+CELEBA_PARTITION_FILE = "list_eval_partition.txt"
+CELEBA_TRAIN_IMAGES = 162_770
+
+
+def _celeba_train_files(root: Path, folder: Path, files: list[Path]) -> tuple[list[Path], str]:
+    """The train split's files: by ``list_eval_partition.txt`` where it lies beside the images,
+    else the first 162,770 by name (which the official split's are), said in the note."""
+    for place in (root, folder, folder.parent):
+        listing = place / CELEBA_PARTITION_FILE
+        if listing.is_file():
+            train = {line.split()[0] for line in listing.read_text().splitlines()
+                     if len(line.split()) == 2 and line.split()[1] == "0"}
+            return [f for f in files if f.name in train], f"CelebA train split from {listing}"
+    kept = files[:CELEBA_TRAIN_IMAGES]
+    return kept, (f"CelebA train split: no {CELEBA_PARTITION_FILE} beside the images, so the first {len(kept):,} "
+                  "files by name (the official train split is images 000001-162770)")
+
+
+def celeba_plan(path: str | Path, image_size: int = 64, limit: int | None = None,
+                split: Literal["train", "all"] = "all") -> DecodePlan:
     """CelebA faces from ``img_align_celeba`` with the paper's crop and resize.
 
     ``path`` is the ``img_align_celeba`` directory of 178x218 JPEGs (or the folder holding it).
     Each image is cropped to rows 57..185 and columns 25..153 (``[57:185, 25:153]``, a 128x128
     face square, as DDIM's CelebA pipeline that SFT-PG uses) and resized to ``image_size`` with
     PIL's antialiased bilinear filter (torchvision's ``Resize`` on a PIL image). The random
-    horizontal flip of that pipeline is a training augmentation and is not applied here.
-    ``limit`` loads only the first ``limit`` files in sorted order. The full set is 202599
-    images: about 10 GB as ``float32`` at 64x64.
-
-    Returns:
-        ``float32`` array ``(N, 3, image_size, image_size)`` in [-1, 1].
+    horizontal flip of that pipeline is a training augmentation, applied per batch
+    (``sftrl.data.store.ImageStore``). ``split="train"``: the official 162,770 training images
+    (``_celeba_train_files``); ``limit`` keeps the first ``limit`` of those in sorted order.
     """
     image_size = _positive_size(image_size)
     limit = _check_limit(limit)
@@ -338,6 +387,9 @@ def load_celeba(path: str | Path, image_size: int = 64, limit: int | None = None
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
         raise _data_error(folder, expected, CELEBA_SOURCE, "no CelebA JPEGs found")
+    note = ""
+    if split == "train":
+        files, note = _celeba_train_files(root, folder, files)
     files = files[:limit]
     image_lib = _pil(folder)
     top, left, height, width = CELEBA_CROP
@@ -355,7 +407,15 @@ def load_celeba(path: str | Path, image_size: int = 64, limit: int | None = None
         img = img.resize((image_size, image_size), image_lib.BILINEAR)
         return _pil_to_array(img, 3)
 
-    return _fill(files, decode, (3, image_size, image_size))
+    return DecodePlan("celeba", files, decode, (3, image_size, image_size),
+                      f"celeba crop {CELEBA_CROP} bilinear {image_size}", note)
+
+
+def load_celeba(path: str | Path, image_size: int = 64, limit: int | None = None,
+                split: Literal["train", "all"] = "all") -> np.ndarray:
+    """:func:`celeba_plan`'s images, decoded, as ``float32`` ``(N, 3, image_size, image_size)``
+    in [-1, 1] (about 10 GB for all 202,599 at 64x64: runs keep them as ``uint8``)."""
+    return _uint8_to_unit(celeba_plan(path, image_size, limit, split).decode_all())
 
 
 def _open_image(image_lib, file: Path, expected: str, source: str):
@@ -383,18 +443,13 @@ def _image_files(folder: Path) -> Iterator[Path]:
             yield p
 
 
-def load_image_folder(
-    path: str | Path, image_size: int, channels: int = 3, limit: int | None = None
-) -> np.ndarray:
+def folder_plan(path: str | Path, image_size: int, channels: int = 3, limit: int | None = None) -> DecodePlan:
     """Any folder of images (searched recursively, sorted by path), center-cropped and resized.
 
     Files with an extension in ``IMAGE_EXTENSIONS`` are decoded (others are ignored; an image
     file that cannot be decoded is an error). Each image is converted to RGB (``channels=3``)
     or grayscale (``channels=1``), center-cropped to a square of its shorter side and resized
     to ``image_size`` with PIL's antialiased bilinear filter.
-
-    Returns:
-        ``float32`` array ``(N, channels, image_size, image_size)`` in [-1, 1].
     """
     if image_size is None:
         raise ValueError("load_image_folder needs an image_size (set data.image_size)")
@@ -420,7 +475,16 @@ def load_image_folder(
         img = img.resize((image_size, image_size), image_lib.BILINEAR)
         return _pil_to_array(img, channels)
 
-    return _fill(files, decode, (channels, image_size, image_size))
+    return DecodePlan("folder", files, decode, (channels, image_size, image_size),
+                      f"folder center-crop bilinear {image_size} channels {channels}")
+
+
+def load_image_folder(
+    path: str | Path, image_size: int, channels: int = 3, limit: int | None = None
+) -> np.ndarray:
+    """:func:`folder_plan`'s images, decoded, as ``float32`` ``(N, channels, image_size,
+    image_size)`` in [-1, 1]."""
+    return _uint8_to_unit(folder_plan(path, image_size, channels, limit).decode_all())
 
 
 # ---------------------------------------------------------------------------------- dispatch

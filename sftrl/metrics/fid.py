@@ -415,6 +415,7 @@ def fid_kid(
     kid_subsets: int = 100,
     batch_size: int = 500,
     seed: int = 0,
+    real_features: torch.Tensor | None = None,
 ) -> FIDResult:
     """FID and KID between ``real`` and ``fake`` images ``(N, C, H, W)`` in [-1, 1].
 
@@ -431,7 +432,8 @@ def fid_kid(
         raise ValueError(
             f"real and fake images differ in shape: {tuple(real_x.shape[1:])} vs {tuple(fake_x.shape[1:])}"
         )
-    real_f = extract_features(real_x, extractor, batch_size)  # (N_real, F)
+    # (N_real, F); a caller scoring many samplers against one reference passes its features
+    real_f = real_features if real_features is not None else extract_features(real_x, extractor, batch_size)
     fake_f = extract_features(fake_x, extractor, batch_size)  # (N_fake, F)
     num_features = real_f.shape[1]
     subset_size = min(kid_subset_size, len(real_f), len(fake_f))

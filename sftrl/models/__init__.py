@@ -50,8 +50,8 @@ def build_networks(cfg, data_shape: tuple[int, ...]) -> tuple[nn.Module, nn.Modu
         channels, resolution = data_shape[0], data_shape[1]
         return (
             sampler,
-            ImageCritic(channels, resolution, channels=tuple(cfg.model.critic_channels)),
-            ImageBaseline(data_shape, d.steps, hidden=tuple(cfg.model.baseline_hidden)),
+            ImageCritic(channels, resolution, channels=tuple(cfg.model.critic_channels), init=cfg.model.image_init),
+            ImageBaseline(data_shape, d.steps, hidden=tuple(cfg.model.baseline_hidden), init=cfg.model.image_init),
         )
     raise ValueError(f"unknown sampler {cfg.model.sampler!r}; valid: {', '.join(SAMPLERS)}")
 

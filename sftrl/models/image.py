@@ -16,7 +16,9 @@ from torch.nn import functional as F
 
 from sftrl.models.toy import ConditionalLinear
 
-__all__ = ["ImageBaseline", "ImageCritic", "critic_feature_sizes"]
+__all__ = ["IMAGE_INITS", "ImageBaseline", "ImageCritic", "authors_init_", "critic_feature_sizes"]
+
+IMAGE_INITS = ("authors", "torch")
 
 PAPER_CRITIC_CHANNELS = (256, 512, 1024)
 PAPER_BASELINE_HIDDEN = (1024, 1024, 256)
@@ -39,6 +41,24 @@ def critic_feature_sizes(resolution: int, num_down: int = 3) -> list[int]:
     return sizes
 
 
+def authors_init_(module: nn.Module) -> nn.Module:
+    """The authors' init, in place: Kaiming-normal (fan-in, gain sqrt 2) for every conv weight,
+    Xavier-normal for every linear weight; biases and embeddings keep PyTorch's init. At 32x32 the
+    critic's initial output is about 30x larger than with PyTorch's defaults (mean |c| 0.42 vs 0.015
+    on uniform noise, channels 128-256-512)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+    return module
+
+
+def _check_init(init: str) -> None:
+    if init not in IMAGE_INITS:
+        raise ValueError(f"init must be one of {IMAGE_INITS}, got {init!r}")
+
+
 class ImageCritic(nn.Module):
     """c_alpha(x): ``(B, C, H, W)`` in [-1, 1] -> ``(B,)``, larger = more real.
 
@@ -49,6 +69,7 @@ class ImageCritic(nn.Module):
     empty. At 32x32 the final map is 4x4 and the critic is exactly the paper's; at 64x64 (CelebA)
     the final conv gives 5x5 scores and their mean is the output.
     Inputs must be square, with side ``resolution`` >= 8 (three halvings leave at least 1x1).
+    ``init``: ``"authors"`` (:func:`authors_init_`) or ``"torch"`` (PyTorch's defaults).
     """
 
     def __init__(
@@ -56,8 +77,10 @@ class ImageCritic(nn.Module):
         in_channels: int,
         resolution: int,
         channels: Sequence[int] = PAPER_CRITIC_CHANNELS,
+        init: str = "authors",
     ):
         super().__init__()
+        _check_init(init)
         channels = tuple(int(c) for c in channels)
         if len(channels) != 3 or min(channels) < 1:
             raise ValueError(f"channels must be three positive widths, got {channels}")
@@ -75,6 +98,8 @@ class ImageCritic(nn.Module):
         )
         self.final_kernel = min(FINAL_KERNEL, sizes[-1])
         self.out = nn.Conv2d(channels[-1], 1, kernel_size=self.final_kernel, stride=1, padding=0)
+        if init == "authors":
+            authors_init_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expected = (self.in_channels, self.resolution, self.resolution)
@@ -92,6 +117,7 @@ class ImageBaseline(nn.Module):
     An MLP on the flattened image: each hidden layer is ``Linear(x) * embedding[n]`` (a learned
     per-step gain, initialised uniform in [0, 1)) followed by ReLU; a final ``Linear`` to one
     output. ``n`` may be long or float (rounded); it is the sampling step of the state x_n.
+    ``init``: ``"authors"`` (:func:`authors_init_`: Xavier-normal linear weights) or ``"torch"``.
     """
 
     def __init__(
@@ -99,8 +125,10 @@ class ImageBaseline(nn.Module):
         data_shape: Sequence[int],
         num_steps: int,
         hidden: Sequence[int] = PAPER_BASELINE_HIDDEN,
+        init: str = "authors",
     ):
         super().__init__()
+        _check_init(init)
         self.data_shape = tuple(int(d) for d in data_shape)
         if len(self.data_shape) != 3:
             raise ValueError(f"data_shape must be (C, H, W), got {self.data_shape}")
@@ -113,6 +141,8 @@ class ImageBaseline(nn.Module):
             [ConditionalLinear(a, b, self.num_steps + 1) for a, b in zip(widths[:-1], widths[1:])]
         )
         self.out = nn.Linear(widths[-1], 1)
+        if init == "authors":
+            authors_init_(self)
 
     def forward(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.data_shape:
