@@ -1,4 +1,4 @@
-"""The ``sftrl`` command: ``run | pretrain | sample | eval | schedule``.
+"""The ``sftrl`` command: ``run | pretrain | sample | eval | weights | schedule``.
 
 Every user mistake ends with a one-line ``error: ...`` and exit code 2.
 """
@@ -90,7 +90,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _load_run(run_dir: str, checkpoint: str | None):
-    """(cfg, sampler with the run's fine-tuned weights, data shape) of a run directory."""
+    """(cfg, sampler with the run's fine-tuned weights, data shape, checkpoint path) of a run directory."""
     import torch
 
     from sftrl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -118,7 +118,7 @@ def _load_run(run_dir: str, checkpoint: str | None):
         raise CheckpointError(f"checkpoint '{path}' does not fit the sampler of run '{run}' "
                               f"({str(err).splitlines()[0]})") from None
     torch.set_num_threads(cfg.torch_threads)
-    return cfg, sampler, data_shape
+    return cfg, sampler, data_shape, path
 
 
 def _data_shape(cfg, policy_state) -> tuple[int, ...]:
@@ -130,39 +130,78 @@ def _data_shape(cfg, policy_state) -> tuple[int, ...]:
     return image_shape(cfg, int(policy_state["conv_in.weight"].shape[1]))
 
 
+def _device(text: str) -> str:
+    """``--device``: auto (a GPU where torch sees one), cpu, cuda or cuda:N, checked here."""
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return text
+    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(text[5:]) if ":" in text else 0
+        if index >= count:
+            raise ValueError(f"--device {text}: torch sees {count} GPU(s) on this machine; valid here: auto, cpu"
+                             + "".join(f", cuda:{i}" for i in range(count)))
+        return text
+    raise ValueError(f"--device {text!r} is not a device; valid: auto, cpu, cuda, cuda:N")
+
+
+def _check_new_folder(out: str) -> Path:
+    """``--out`` of ``--format png``: a folder not there yet, in a place that can be written."""
+    from sftrl.preflight import check_can_write
+
+    path = Path(out)
+    if path.exists():
+        raise ValueError(f"--out '{path}' already exists; sftrl sample --format png writes a new folder "
+                         "(name one that is not there, or move the old one away)")
+    check_can_write(path, "--out", directory=False)
+    return path
+
+
 def _sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
     from sftrl.checkpoint import CheckpointError
-    from sftrl.diffusion.step import sample
-    from sftrl.evaluation import NonFiniteSamples, check_finite
-    from sftrl.files import write_atomic
+    from sftrl.diffusion.step import sample_batches
+    from sftrl.pictures import image_grid
     from sftrl.plan import schedule_of
     from sftrl.progress import Progress
+    from sftrl.samples import NpzWriter, PngFolderWriter
 
-    out = _check_out(args.out)
-    cfg, sampler, data_shape = _load_run(args.run_dir, args.checkpoint)
-    generator = torch.Generator().manual_seed(args.seed)
-    with Progress(args.n, "sample", unit="sample") as bar:
-        x = sample(sampler.eval(), schedule_of(cfg).tables(), args.n, data_shape, generator=generator,
-                   batch_size=args.batch_size, on_batch=bar.update).numpy()
-    try:
-        check_finite(x)
-    except NonFiniteSamples as err:
-        raise CheckpointError(f"the sampler of run '{args.run_dir}' draws non-finite samples ({err}); nothing was "
-                              "written") from None
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, x=x)
-
-    write_atomic(out, write)
-    print(f"wrote {len(x)} samples of shape {tuple(x.shape[1:])} to {out}", file=sys.stderr)
-    if len(data_shape) == 3:  # images: a PNG grid beside the arrays
-        from sftrl.pictures import image_grid
-
-        grid = image_grid(x[:64], out.with_suffix(".png"), nrow=8)
-        print(f"wrote a grid of the first {min(64, len(x))} to {grid}", file=sys.stderr)
+    out = _check_new_folder(args.out) if args.format == "png" else _check_out(args.out)
+    device = _device(args.device)
+    cfg, sampler, data_shape, _ = _load_run(args.run_dir, args.checkpoint)
+    if args.format == "png" and len(data_shape) != 3:
+        raise ValueError(f"--format png needs an image run; run '{args.run_dir}' samples {data_shape} points "
+                         "(use --format npz)")
+    writer = PngFolderWriter(out, args.n) if args.format == "png" else NpzWriter(out, args.n, data_shape)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    batches = sample_batches(sampler.to(device).eval(), schedule_of(cfg).tables(device), args.n, data_shape,
+                             generator=generator, device=device, batch_size=args.batch_size)
+    first: list[np.ndarray] = []  # the first 64, for the grid
+    with writer, Progress(args.n, "sample", unit="sample", enabled=not args.no_progress) as bar:
+        k = 0  # not enumerate(): its reused result tuple would hold the last batch while the next is drawn
+        for x in batches:  # one batch of float samples held at a time
+            k += 1
+            batch = x.cpu().numpy()
+            bad = int((~np.isfinite(batch.reshape(len(batch), -1))).any(axis=1).sum())
+            if bad:
+                raise CheckpointError(f"the sampler of run '{args.run_dir}' draws non-finite samples ({bad} of "
+                                      f"{len(batch)} samples in batch {k} are NaN or infinite); nothing was written")
+            writer.add(batch)
+            if sum(map(len, first)) < 64:
+                first.append(batch[: 64 - sum(map(len, first))].copy())  # a copy: the batch itself is let go
+            bar.update(len(batch))
+            del x, batch  # let it go before the next batch is drawn
+    print(f"wrote {args.n} samples of shape {data_shape} to {out}"
+          + (" (one PNG each)" if args.format == "png" else ""), file=sys.stderr)
+    if len(data_shape) == 3:  # images: a PNG grid beside them
+        grid_path = out.with_name(out.name + "-grid.png") if args.format == "png" else out.with_suffix(".png")
+        grid = image_grid(np.concatenate(first), grid_path, nrow=8)
+        print(f"wrote a grid of the first {min(64, args.n)} to {grid}", file=sys.stderr)
     return 0
 
 
@@ -172,14 +211,27 @@ def _eval(args: argparse.Namespace) -> int:
     from sftrl.progress import Progress
     from sftrl.weights import to_numpy_state
 
-    cfg, sampler, data_shape = _load_run(args.run_dir, args.checkpoint)
+    cfg, sampler, data_shape, path = _load_run(args.run_dir, args.checkpoint)
     evaluator = build_evaluator(cfg, InitState(None, data_shape))
     if evaluator is None:
         raise ValueError(f"no evaluation metric is configured for data set {cfg.data.name!r}")
     with Progress(1, "evaluate", unit="eval") as bar:
         result = evaluator.evaluate(to_numpy_state(sampler))
         bar.update(1)
+    for name, grid in result.pop("pictures", {}).items():  # images: the evaluation's sample grid
+        from sftrl.pictures import save_png
+
+        png = save_png(grid, Path(args.run_dir) / "samples" / f"{name}-eval-{path.name}.png")
+        print(f"wrote the evaluation's sample grid to {png}", file=sys.stderr)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from sftrl.metrics.weights_fetch import fetch_inception
+
+    path = fetch_inception(Path(args.cache_dir).expanduser(), url=args.url)
+    print(f"the FID Inception weights are at {path}; image runs find them there (trainer.fid_weights: null)")
     return 0
 
 
@@ -187,7 +239,8 @@ def build_parser() -> OneLineParser:
     from sftrl.diffusion.schedules import SCHEDULE_NAMES
 
     parser = OneLineParser(prog="sftrl", description="Shortcut fine-tuning of diffusion samplers (SFT-PG) on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,pretrain,sample,eval,schedule}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{run,pretrain,sample,eval,weights,schedule}")
 
     run = sub.add_parser("run", help="fine-tune from a config (same as python -m sftrl.run)", add_help=False)
     run.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG [key=value ...] [--run-dir DIR] [--resume auto|PATH]")
@@ -201,11 +254,23 @@ def build_parser() -> OneLineParser:
     samp = sub.add_parser("sample", help="draw samples from a run's fine-tuned sampler")
     samp.add_argument("run_dir", help="a run directory written by sftrl run")
     samp.add_argument("-n", type=_positive_int, default=10_000, help="number of samples (default 10000)")
-    samp.add_argument("--out", default="samples.npz",
-                      help="output .npz with array x of shape (N, *data_shape) (default ./samples.npz)")
+    samp.add_argument("--out", default=None,
+                      help="npz: a file with array x (N, *data_shape) float32 (default ./samples.npz); png: a new "
+                           "folder of 000000.png ... (default ./samples)")
+    samp.add_argument("--format", choices=("npz", "png"), default="npz",
+                      help="npz (default) or png: one 8-bit PNG per image, for FID tools")
+    samp.add_argument("--device", default="auto", help="auto (default: a GPU where there is one), cpu, cuda, cuda:N")
     samp.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
     samp.add_argument("--seed", type=int, default=0, help="sampling seed")
-    samp.add_argument("--batch-size", type=_positive_int, default=1000, help="chains sampled at once (default 1000)")
+    samp.add_argument("--batch-size", type=_positive_int, default=1000,
+                      help="chains sampled at once, the float samples held at once (default 1000)")
+    samp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    wts = sub.add_parser("weights", help="fetch network weights that a run never downloads by itself")
+    wts.add_argument("name", choices=("inception",), help="inception: the standard FID Inception (about 92 MB)")
+    wts.add_argument("--url", help="fetch from here instead (a mirror, or file:///path of a copy you have)")
+    wts.add_argument("--cache-dir", default="~/.cache/sftrl/weights",
+                     help="where to put them (default ~/.cache/sftrl/weights, where runs look)")
 
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint with the configured metric (SW2, exact W2)")
     ev.add_argument("run_dir", help="a run directory written by sftrl run")
@@ -229,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_main(argv[1:])
     args = build_parser().parse_args(argv)
-    handlers = {"pretrain": _pretrain, "sample": _sample, "eval": _eval, "schedule": _schedule}
+    if args.command == "sample" and args.out is None:
+        args.out = "samples" if args.format == "png" else "samples.npz"
+    handlers = {"pretrain": _pretrain, "sample": _sample, "eval": _eval, "schedule": _schedule,
+                "weights": _weights}
     from sftrl.files import out_of_space
 
     try:

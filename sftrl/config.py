@@ -162,6 +162,11 @@ class TrainerConfig:
     iterations: int = doc_field(4000, "Iterations of Algorithm 1 (critic phase + generator phase).", valid=Range(1))
     eval_every: int = doc_field(500, "Evaluate every this many iterations (0: only at the start and the end).", valid=Range(0))
     eval_samples: int = doc_field(10_000, "Samples per evaluation draw (Table 1: 10K).", valid=Range(1, MAX_SAMPLES))
+    fid_weights: str | None = doc_field(
+        None, "Image sets: the FID Inception's weights file (weights-inception-2015-12-05-6726825d.pth). "
+        "null: the one `sftrl weights inception` fetched, or torch-fidelity's copy; none found: FID/KID "
+        "are skipped with a note and sample grids are still drawn. Never downloaded by a run."
+    )
     eval_draws: int = doc_field(5, "Independent draws per evaluation; SW2 is reported as mean and spread.", valid=Range(1, 1000))
     exact_w2_points: int = doc_field(2000, "Points per side for exact W2 (ot.emd2); 0 disables it.", valid=Range(0, 10_000))
     log_every: int = doc_field(50, "Write a metrics line every this many iterations.", valid=Range(1))
@@ -318,8 +323,17 @@ def load(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
 
 def pretrain_key(cfg: Config) -> str:
     """A short hash of everything that determines the pretrained sampler (its cache key)."""
+    from sftrl.data import flips
+
+    # data.flip and data.split joined later: they key only where they change the data, so
+    # samplers cached before them keep their key.
+    data = {k: v for k, v in to_dict(cfg.data).items() if k not in ("flip", "split")}
+    if flips(cfg):
+        data["flip"] = True
+    if cfg.data.name == "celeba":
+        data["split"] = cfg.data.split
     relevant = {
-        "data": to_dict(cfg.data),
+        "data": data,
         "num_train_steps": cfg.diffusion.num_train_steps,
         "beta_schedule": cfg.diffusion.beta_schedule,
         "sampler": cfg.model.sampler,

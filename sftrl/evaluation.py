@@ -1,11 +1,11 @@
 """Evaluation of a sampler.
 
 2-D data: SW2 (Table 1's "W2") with its noise floor, and exact W2 (:class:`ToyEvaluator`).
-Images: FID and KID of ``trainer.eval_samples`` samples against the real training images
-(:class:`ImageEvaluator`; Table 3's protocol is 50K samples with the Inception extractor). The
-extractor is the standard Inception when its weights are on disk; for digits, without them, the
-digits CNN (its name says its FIDs are not comparable to published ones); otherwise FID is
-skipped and the evaluation says why (:class:`SkippedImageEvaluator`): a FID from a stand-in
+Images: FID and KID of ``trainer.eval_samples`` samples against the real training images, and a
+grid of the same 64 chains each time (:class:`ImageEvaluator`; Table 3's protocol is 50K samples
+with the Inception extractor). The extractor is the standard Inception when its weights are on
+disk; for digits, without them, the digits CNN (its name says its FIDs are not comparable to
+published ones); otherwise FID is skipped and the evaluation says why: a FID from a stand-in
 network is never reported for a data set whose published FIDs are Inception FIDs.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 
 from sftrl.data.store import ImageStore
 from sftrl.diffusion.schedules import SamplingSchedule
-from sftrl.diffusion.step import sample
+from sftrl.diffusion.step import sample, sample_batches
 from sftrl.metrics.wasserstein import exact_w2, sw2_report
 from sftrl.weights import NumpyState, load_numpy_state, tensor_view
 
@@ -33,6 +33,8 @@ FID_REAL_MAX = 50_000
 IMAGE_EVAL_BATCH = 500
 # KID: subsets of this many images (torchmetrics' default), fewer when a set is smaller.
 KID_SUBSET_SIZE = 1000
+# The sample grid of each image evaluation: its first GRID_IMAGES chains, GRID_COLUMNS a row.
+GRID_IMAGES, GRID_COLUMNS = 64, 8
 
 
 class NonFiniteSamples(ValueError):
@@ -115,13 +117,19 @@ class ImageEvalSettings:
 
 
 class ImageEvaluator:
-    """FID and KID of sampler weights against a fixed set of real images.
+    """FID and KID of sampler weights against a fixed set of real images, and a grid of samples.
 
     Every evaluation draws ``num_samples`` images with the evaluation chain (no std floor) from
     the same seed, so successive evaluations share their noise and their differences are the
-    sampler's. Returns ``{"fid", "kid_mean", "kid_std", "extractor", "num_real", "num_fake"}``;
-    ``extractor`` is the feature network's name (a string), which says whether the FID is the
-    standard Inception one.
+    sampler's; the first ``GRID_IMAGES`` of them are the grid, the same chains every time. The
+    draw goes batch by batch straight into the extractor: at most one batch of float images is
+    held. Returns ``{"fid", "kid_mean", "kid_std", "extractor", "num_real", "num_fake",
+    "pictures"}``; ``extractor`` is the feature network's name, which says whether the FID is
+    the standard Inception one; ``pictures`` is ``{"samples": uint8 grid (H, W) or (H, W, 3)}``,
+    for the caller to save (it is not a metric).
+
+    With no extractor (``extractor=None``, ``skipped`` saying why), an evaluation draws only the
+    grid and returns ``{"extractor": "none", "fid_skipped": skipped, "pictures"}``.
     """
 
     def __init__(
@@ -129,10 +137,11 @@ class ImageEvaluator:
         sampler: nn.Module,
         schedule: SamplingSchedule,
         real_images: np.ndarray | ImageStore,
-        extractor: nn.Module,
+        extractor: nn.Module | None,
         settings: ImageEvalSettings,
         *,
         device: str = "cpu",
+        skipped: str = "",
     ):
         """``real_images``: the reference set, of which the first ``FID_REAL_MAX`` count (floats in
         [-1, 1], or an ``ImageStore``'s ``uint8``, read a batch at a time, never flipped)."""
@@ -145,41 +154,49 @@ class ImageEvaluator:
         if self.real_images.dim() != 4:
             raise ValueError(f"real images must be (N, C, H, W), got {tuple(self.real_images.shape)}")
         self.data_shape = tuple(self.real_images.shape[1:])
-        self.extractor = extractor.to(self.device).eval()
+        self.extractor = extractor.to(self.device).eval() if extractor is not None else None
         self.settings = settings
+        self.skipped = skipped
 
     def sample(self, weights: NumpyState | None, n: int, seed: int) -> np.ndarray:
         """``(n, C, H, W)`` float32 samples (``weights`` None: the sampler's current weights)."""
         if weights is not None:
             load_numpy_state(self.sampler, weights)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        x = sample(
-            self.sampler,
-            self.tables,
-            n,
-            self.data_shape,
-            generator=generator,
-            device=self.device,
-            batch_size=self.settings.batch_size,
-        )
-        return check_finite(x.cpu().numpy())
+        return np.concatenate([x.cpu().numpy() for x in self._draw(n, seed)])
 
-    def evaluate(self, weights: NumpyState | None) -> dict[str, float | str]:
-        from sftrl.metrics.fid import FeatureExtractor, extract_features, fid_kid
+    def _draw(self, n: int, seed: int):
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        for x in sample_batches(self.sampler, self.tables, n, self.data_shape, generator=generator,
+                                device=self.device, batch_size=self.settings.batch_size):
+            if not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x.flatten(1))).any(dim=1).sum())
+                raise NonFiniteSamples(f"{bad} of a batch of {len(x)} samples are NaN or infinite")
+            yield x  # (b, C, H, W) on the device
+
+    def evaluate(self, weights: NumpyState | None) -> dict[str, Any]:
+        from sftrl.metrics.fid import extract_features, fid_kid_from_features
+        from sftrl.pictures import grid_array
 
         s = self.settings
-        fake = self.sample(weights, s.num_samples, s.seed)  # (N, C, H, W)
+        if weights is not None:
+            load_numpy_state(self.sampler, weights)
+        n = s.num_samples if self.extractor is not None else min(GRID_IMAGES, s.num_samples)
+        grid: list[np.ndarray] = []
+        features = []
+        for x in self._draw(n, s.seed):
+            kept = sum(len(g) for g in grid)
+            if kept < GRID_IMAGES:
+                grid.append(x[: GRID_IMAGES - kept].cpu().numpy())
+            if self.extractor is not None:
+                features.append(extract_features(x, self.extractor, s.batch_size))  # (b, F) float64 on CPU
+        pictures = {"samples": grid_array(np.concatenate(grid), nrow=GRID_COLUMNS)}
+        if self.extractor is None:
+            return {"extractor": "none", "fid_skipped": self.skipped, "pictures": pictures}
         if self._real_features is None:
             self._real_features = extract_features(self.real_images, self.extractor, s.batch_size)
-        result = fid_kid(
-            self.real_images,
-            fake,
-            cast(FeatureExtractor, self.extractor),  # an nn.Module with a name and num_features
-            real_features=self._real_features,
-            kid_subset_size=s.kid_subset_size,
-            batch_size=s.batch_size,
-            seed=s.seed,
-        )
+        result = fid_kid_from_features(self._real_features, torch.cat(features),
+                                       str(getattr(self.extractor, "name", type(self.extractor).__name__)),
+                                       kid_subset_size=s.kid_subset_size, seed=s.seed)
         return {
             "fid": result.fid,
             "kid_mean": result.kid_mean,
@@ -187,17 +204,8 @@ class ImageEvaluator:
             "extractor": result.extractor,
             "num_real": result.num_real,
             "num_fake": result.num_fake,
+            "pictures": pictures,
         }
-
-
-class SkippedImageEvaluator:
-    """Stands in where no FID can be computed honestly: every evaluation says why, nothing else."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def evaluate(self, weights: NumpyState | None) -> dict[str, str]:
-        return {"extractor": "none", "fid_skipped": self.reason}
 
 
 def extractor_cache_dir(cfg) -> Path:
@@ -206,36 +214,44 @@ def extractor_cache_dir(cfg) -> Path:
     return Path(cfg.pretrain.cache_dir).expanduser().parent / "extractors"
 
 
+def weights_cache_dir(cfg) -> Path:
+    """Where ``sftrl weights`` puts network weights: ``weights/`` beside ``pretrain.cache_dir``
+    (``~/.cache/sftrl/weights`` by default)."""
+    return Path(cfg.pretrain.cache_dir).expanduser().parent / "weights"
+
+
 def choose_extractor(cfg, data_shape: tuple[int, ...]) -> tuple[nn.Module | None, str]:
     """``(extractor, "")``, or ``(None, why FID is skipped)``.
 
-    The standard Inception where torch-fidelity and its weights are on disk; else, for digits,
+    The standard Inception from ``trainer.fid_weights`` or the weights cache; else, for digits,
     the digits CNN (trained once and cached); else None: the published FIDs of MNIST, CIFAR-10
     and CelebA are Inception FIDs, and a stand-in network's number would not be comparable.
+    A ``trainer.fid_weights`` that is missing or not the Inception's weights raises ``ValueError``.
     """
-    from sftrl.metrics.fid import (
-        default_inception_weights_path,
-        digits_extractor,
-        inception_extractor_if_available,
-    )
+    from sftrl.metrics import fid
 
-    inception = inception_extractor_if_available()
+    given = cfg.trainer.fid_weights
+    if given is not None and not Path(given).expanduser().is_file():
+        raise ValueError(f"trainer.fid_weights '{given}' is not a file; fetch the Inception weights with "
+                         f"`sftrl weights inception` (or set trainer.fid_weights=null to look in the cache)")
+    inception = fid.inception_extractor_if_available(given, weights_cache_dir(cfg))
     if inception is not None:
         return inception, ""
     if cfg.data.name == "digits":
-        return digits_extractor(extractor_cache_dir(cfg), image_size=data_shape[-1]), ""
+        return fid.digits_extractor(extractor_cache_dir(cfg), image_size=data_shape[-1]), ""
+    places = " or ".join(str(p) for p in fid.inception_weights_paths(weights_cache_dir(cfg)))
     return None, (
-        f"FID/KID skipped: the standard Inception extractor is not available (needs the "
-        f"torch-fidelity package and its weights at {default_inception_weights_path()}; sftrl never "
-        f"downloads them), and no other extractor gives FIDs comparable to published ones for "
-        f"{cfg.data.name!r}"
+        f"FID/KID skipped: the standard Inception extractor is not available (no weights at {places}; "
+        f"a run never downloads them: `sftrl weights inception` fetches them once, or set "
+        f"trainer.fid_weights=FILE), and no other extractor gives FIDs comparable to published ones for "
+        f"{cfg.data.name!r}; sample grids are still drawn"
     )
 
 
 def build_image_evaluator(cfg, init, real=None):
-    """:class:`ImageEvaluator` for ``cfg``, or :class:`SkippedImageEvaluator` saying why not.
-    ``real``: the training set where the caller holds it (else it is loaded: a memory map of the
-    decode cache, or the arrays)."""
+    """:class:`ImageEvaluator` for ``cfg``: FID/KID and a sample grid, or the grid alone and why
+    FID is skipped (said once here, as a warning). ``real``: the training set where the caller
+    holds it (else it is loaded: a memory map of the decode cache, or the arrays)."""
     from sftrl.components import resolve_device
     from sftrl.data import load_real_data
     from sftrl.models import build_unet
@@ -244,14 +260,15 @@ def build_image_evaluator(cfg, init, real=None):
     extractor, reason = choose_extractor(cfg, init.data_shape)
     if extractor is None:
         print(f"warning: {reason}", file=sys.stderr)
-        return SkippedImageEvaluator(reason)
+        real = np.empty((0, *init.data_shape), dtype=np.uint8)  # no FID: no reference set is read
     if real is None:
         real = load_real_data(cfg, progress=False)  # (N, C, H, W): its first FID_REAL_MAX are the reference
     sampler = build_unet(cfg, init.data_shape)
     if init.sampler_state is not None:
         load_numpy_state(sampler, init.sampler_state)
     settings = ImageEvalSettings(num_samples=cfg.trainer.eval_samples, seed=Seeds(cfg.seed).evaluation)
-    return ImageEvaluator(sampler, schedule_of(cfg), real, extractor, settings, device=resolve_device(cfg))
+    return ImageEvaluator(sampler, schedule_of(cfg), real, extractor, settings, device=resolve_device(cfg),
+                          skipped=reason)
 
 
 def build_evaluator(cfg, init, real=None):

@@ -58,6 +58,8 @@ DEFAULT_CURVE_KEYS: tuple[str, ...] = (
     "policy/advantage_std",
     "policy/grad_norm",
     "eval/sw2_mean",
+    "eval/fid",
+    "eval/kid_mean",
 )
 # Series drawn dashed on the axes of another key: SW2 beside its data-vs-data noise floor.
 CURVE_OVERLAYS: dict[str, tuple[str, ...]] = {"eval/sw2_mean": ("eval/sw2_floor_mean",)}
@@ -345,10 +347,14 @@ def image_grid(images, path: str | os.PathLike, nrow: int = 8) -> Path:
     """Images ``(N, C, H, W)`` in [-1, 1] as one pixel-exact PNG, ``nrow`` images per row
     (torchvision's ``make_grid`` convention): 8-bit grey for C = 1, RGB for C = 3, of size
     ``grid_size_px(N, nrow, H, W)``, pixel values ``to_uint8``."""
+    return save_png(grid_array(images, nrow), path)
+
+
+def save_png(pixels: np.ndarray, path: str | os.PathLike) -> Path:
+    """``uint8`` pixels ``(H, W)`` (grey) or ``(H, W, 3)`` (RGB) as a PNG, atomically."""
     from PIL import Image  # Pillow is a dependency of matplotlib
 
-    grid = grid_array(images, nrow)
-    image = Image.fromarray(grid)  # uint8 (H, W) -> mode L, (H, W, 3) -> RGB
+    image = Image.fromarray(pixels)  # uint8 (H, W) -> mode L, (H, W, 3) -> RGB
     return write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 

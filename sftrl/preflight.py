@@ -75,6 +75,16 @@ def check_cache_dir(cfg: Config, fingerprint: str | None) -> None:
         check_can_write(Path(cfg.pretrain.cache_dir).expanduser(), "pretrain.cache_dir", directory=True)
 
 
+def check_fid_weights(cfg: Config) -> None:
+    """A ``trainer.fid_weights`` given for an image run must be the FID Inception's weights
+    (loaded once here, so a wrong file is said before anything starts)."""
+    if cfg.trainer.fid_weights is None or cfg.is_toy:
+        return
+    from sftrl.evaluation import choose_extractor
+
+    choose_extractor(cfg, (3, 8, 8))  # raises ValueError naming the file and what is wrong
+
+
 def warn_if_in_a_job_copy(run_dir: Path) -> None:
     """``ray job submit --working-dir .`` runs the command in Ray's unpacked copy of that
     directory, which goes with the Ray session: a relative run directory would go with it."""

@@ -35,6 +35,7 @@ from sftrl.launch import Launch
 from sftrl.preflight import (
     check_cache_dir,
     check_can_write,
+    check_fid_weights,
     check_networks,
     resolve_config_path,
     warn_if_in_a_job_copy,
@@ -160,6 +161,7 @@ def start_and_fine_tune(job: Job) -> int:
         resolve_device(cfg)  # a GPU asked for where there is none: said before anything starts
         job.data = data = load_real_data(cfg, progress=job.progress)
         check_networks(cfg, tuple(data.shape[1:]))
+        check_fid_weights(cfg)
         fingerprint = None if cfg.model.checkpoint else data_fingerprint(data)
         check_cache_dir(cfg, fingerprint)
     except USER_ERRORS as err:

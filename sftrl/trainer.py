@@ -296,11 +296,27 @@ class Trainer:
                                 "detail": finished.error})
                 continue
             result = {"iteration": finished.iteration, "policy_version": finished.version, **finished.result}
+            drawn = result.pop("pictures", None)  # arrays, not metrics
             self.evaluations.append(result)
             self.log.write({"iteration": finished.iteration,
                             **{f"eval/{k}": v for k, v in result.items() if k != "iteration"}})
+            if drawn:
+                self.save_pictures(finished.iteration, drawn)
             done.append(result)
         return done
+
+    def save_pictures(self, iteration: int, drawn: dict[str, Any]) -> None:
+        """An evaluation's pictures (``{"samples": uint8 grid}``) as
+        ``<run>/samples/<name>-<iteration>.png`` and TensorBoard images (``eval/<name>``), and
+        ``curves.png`` drawn again with the new evaluation in it."""
+        from sftrl import pictures
+
+        for name, grid in drawn.items():
+            pictures.save_png(grid, self.run_dir / "samples" / f"{name}-{iteration:06d}.png")
+            for sink in self.log.sinks:
+                if hasattr(sink, "image"):
+                    sink.image(f"eval/{name}", grid, iteration, dataformats="HWC" if grid.ndim == 3 else "HW")
+        pictures.training_curves(self.log.read(), self.run_dir / "curves.png")
 
     # -- saving and restoring --------------------------------------------------------------------
 

@@ -237,24 +237,24 @@ class _NoNetwork:
         socket.socket.connect = self._connect
 
 
-def test_inception_unavailable_without_torch_fidelity():
-    with _NoNetwork():
-        assert inception_extractor_if_available() is None
+def test_inception_needs_local_weights_and_never_downloads(tmp_path, monkeypatch):
+    """Missing weights give None, not a download; a file in the cache (or torch-fidelity's)
+    gives the FID network."""
+    from sftrl.metrics.inception import INCEPTION_WEIGHTS_FILE, random_fid_inception_state
 
-
-def test_inception_needs_local_weights(tmp_path, monkeypatch):
-    """Even with torch-fidelity importable, missing weights give None, not a download."""
-    real_find_spec = fid_module.importlib.util.find_spec
-    monkeypatch.setattr(
-        fid_module.importlib.util,
-        "find_spec",
-        lambda name: object() if name == "torch_fidelity" else real_find_spec(name),
-    )
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "weights"
     with _NoNetwork():
-        assert inception_extractor_if_available() is None
+        assert inception_extractor_if_available(weights_dir=cache) is None
         assert inception_extractor_if_available(tmp_path / "missing.pth") is None
-    assert fid_module.default_inception_weights_path().parent == tmp_path / "hub" / "checkpoints"
+    assert fid_module.inception_weights_paths(cache) == [
+        cache / INCEPTION_WEIGHTS_FILE, tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE]
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(random_fid_inception_state(1), hub / INCEPTION_WEIGHTS_FILE)  # torch-fidelity's copy counts
+    with _NoNetwork():
+        extractor = inception_extractor_if_available(weights_dir=cache)
+    assert extractor is not None and extractor.num_features == 2048 and extractor.name.startswith("inception-v3")
 
 
 def test_inception_wrapper_feeds_uint8_rgb():

@@ -107,7 +107,25 @@ def assert_complete_image_run(run_dir: Path, checkpoint: Path, fmt: str) -> dict
     assert train[0]["policy/ratio_min"] <= 1.0 <= train[0]["policy/ratio_max"]
     state = load_checkpoint(latest_checkpoint(run_dir))
     assert state["iteration"] == ITERATIONS
+    assert_pictures_at_each_evaluation(run_dir, [0, ITERATIONS])
     return state
+
+
+def assert_pictures_at_each_evaluation(run_dir: Path, iterations: list[int]) -> None:
+    """Each evaluation drew its sample grid (the same chains every time; FID or not) as a PNG
+    in samples/ and a TensorBoard image, and curves.png exists."""
+    from PIL import Image
+    from tensorboard.backend.event_processing import event_accumulator
+
+    grids = sorted((run_dir / "samples").glob("samples-*.png"))
+    assert [p.name for p in grids] == [f"samples-{i:06d}.png" for i in iterations]
+    with Image.open(grids[0]) as image:
+        assert image.mode in ("RGB", "L") and image.size[0] > 16
+    acc = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"),
+                                             size_guidance={event_accumulator.IMAGES: 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("eval/samples")] == iterations
+    assert (run_dir / "curves.png").is_file()
 
 
 def _moved(state: dict, initial: dict) -> bool:
@@ -235,7 +253,8 @@ def test_image_evaluator_scores_its_own_fixed_seed_samples():
     settings = ImageEvalSettings(num_samples=24, seed=7, batch_size=10)  # three sampling batches
     evaluator = ImageEvaluator(tiny_unet(3, 16), schedule, real, MeanPoolFeatures(), settings)
     first, again = evaluator.evaluate(None), evaluator.evaluate(None)
-    assert first == again  # the same noise every evaluation
+    grid, grid_again = first.pop("pictures")["samples"], again.pop("pictures")["samples"]
+    assert first == again and np.array_equal(grid, grid_again)  # the same noise every evaluation
     fake = evaluator.sample(None, 24, seed=7)
     assert fake.shape == (24, 3, 16, 16) and fake.dtype == np.float32
     expected = fid_kid(real, fake, MeanPoolFeatures(), kid_subset_size=1000, batch_size=10, seed=7)
@@ -246,10 +265,17 @@ def test_image_evaluator_scores_its_own_fixed_seed_samples():
     assert other["fid"] != first["fid"]
 
 
+def grid_size_px_hwc(n: int, side: int) -> tuple[int, int, int]:
+    from sftrl.pictures import grid_size_px
+
+    width, height = grid_size_px(n, 8, side, side)
+    return (height, width, 3)
+
+
 def test_extractor_choice_never_passes_off_a_stand_in_fid(tmp_path, monkeypatch):
     import sftrl.metrics.fid as fid
     from sftrl.components import InitState
-    from sftrl.evaluation import SkippedImageEvaluator, build_evaluator, choose_extractor
+    from sftrl.evaluation import ImageEvaluator, build_evaluator, choose_extractor
 
     monkeypatch.setattr(fid, "inception_extractor_if_available", lambda *a, **k: None)
     calls = []
@@ -259,10 +285,12 @@ def test_extractor_choice_never_passes_off_a_stand_in_fid(tmp_path, monkeypatch)
         cfg = load(REPO / "configs" / f"{name}.yaml", [f"pretrain.cache_dir={cache}"])
         extractor, reason = choose_extractor(cfg, (3, 32, 32))
         assert extractor is None and "Inception extractor is not available" in reason and repr(name) in reason
-    cfg = load(REPO / "configs" / "cifar10.yaml", [f"pretrain.cache_dir={cache}"])
-    evaluator = build_evaluator(cfg, InitState(None, (3, 32, 32)))
-    assert isinstance(evaluator, SkippedImageEvaluator)
-    assert evaluator.evaluate(None) == {"extractor": "none", "fid_skipped": evaluator.reason}
+    cfg = load(REPO / "configs" / "cifar10.yaml", [*TINY, "trainer.eval_samples=4", f"pretrain.cache_dir={cache}"])
+    evaluator = build_evaluator(cfg, InitState(None, (3, 32, 32)))  # no data set is read: nothing to compare with
+    assert isinstance(evaluator, ImageEvaluator) and evaluator.extractor is None
+    result = evaluator.evaluate(None)
+    assert result.pop("pictures")["samples"].shape == grid_size_px_hwc(4, 32)  # the grid is still drawn
+    assert result == {"extractor": "none", "fid_skipped": evaluator.skipped}
     digits = load(REPO / "configs" / "digits.yaml", [f"pretrain.cache_dir={cache}"])
     extractor, reason = choose_extractor(digits, (1, 8, 8))
     assert isinstance(extractor, MeanPoolFeatures) and reason == ""

@@ -445,7 +445,7 @@ def test_sample_refuses_to_write_non_finite_samples(tmp_path, cache_dir):
     out = tmp_path / "samples.npz"
     result = run_cli(["sftrl.cli", "sample", str(run_dir), "-n", "100", "--out", str(out)], timeout=120)
     assert result.returncode == 2
-    _one_line(result.stderr, "draws non-finite samples (100 of 100 samples are NaN or infinite); nothing was written")
+    _one_line(result.stderr, "draws non-finite samples (100 of 100 samples in batch 1 are NaN or infinite); nothing was written")
     assert not out.exists() and not list(tmp_path.glob(".samples*"))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -186,11 +187,29 @@ def sample(
     ``on_batch(n)`` (optional) is called after each batch of n samples, e.g. to move a progress bar.
     """
     out = []
+    for x in sample_batches(model, tables, num_samples, data_shape, generator=generator, device=device,
+                            batch_size=batch_size):
+        out.append(x)
+        if on_batch is not None:
+            on_batch(len(x))
+    return torch.cat(out)
+
+
+def sample_batches(
+    model: nn.Module,
+    tables: StepTables,
+    num_samples: int,
+    data_shape: tuple[int, ...],
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 10_000,
+) -> Iterator[torch.Tensor]:
+    """:func:`sample`'s draws one batch ``(<= batch_size, *data_shape)`` at a time, on ``device``
+    (the same samples: the batches draw their noise from ``generator`` in turn), so a caller can
+    use and drop each batch: at most one batch of samples is held."""
     with torch.no_grad():
         for start in range(0, num_samples, batch_size):
             size = min(batch_size, num_samples - start)
             x_start = torch.randn((size, *data_shape), generator=generator, device=device)
-            out.append(rollout(model, tables, x_start, generator=generator).x_0)
-            if on_batch is not None:
-                on_batch(size)
-    return torch.cat(out)
+            yield rollout(model, tables, x_start, generator=generator).x_0

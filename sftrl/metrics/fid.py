@@ -18,9 +18,9 @@ code                        meaning
 
 Extractors map images in [-1, 1] ``(B, C, H, W)`` to features ``(B, F)``:
 
-* ``inception_extractor_if_available()``: torchmetrics' ``NoTrainInceptionV3`` (torch-fidelity's
-  port of the TF FID Inception, pool3, 2048-d), returned only when torch-fidelity is installed and
-  its weights file is already on disk; it never downloads.
+* ``inception_extractor_if_available()``: the TF FID Inception (pool3, 2048-d;
+  ``sftrl.metrics.inception``, pinned to torch-fidelity's outputs), returned only when its weights
+  file is already on disk (``sftrl weights inception`` fetches it once); it never downloads.
 * ``digits_extractor(cache_dir)``: a small CNN classifier trained deterministically on
   scikit-learn's digits, whose penultimate layer is the feature. Its FIDs are useful for comparing
   samplers on digits and are not comparable with published (Inception) FIDs; its name says so.
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import pickle
 import time
@@ -50,6 +49,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from sftrl.files import torch_save_atomic
+from sftrl.metrics.inception import INCEPTION_WEIGHTS_FILE
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -62,18 +62,17 @@ __all__ = [
     "digits_extractor",
     "extract_features",
     "fid_kid",
+    "fid_kid_from_features",
     "inception_extractor_if_available",
+    "inception_weights_paths",
     "train_digits_extractor",
     "to_unit_range",
 ]
 
 DEFAULT_CACHE_DIR = Path("~/.cache/sftrl/extractors")
 DIGITS_EXTRACTOR_VERSION = "digits-cnn-v1"
-# The file torch-fidelity's FeatureExtractorInceptionV3 downloads into torch.hub's checkpoints/.
-INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_NAME = (
-    "inception-v3-compat (torch-fidelity FID Inception, pool3 2048-d: the standard FID)"
-)
+# The weights file of the FID Inception (the name torch-fidelity gives it; sha256 starts 6726825d).
+INCEPTION_NAME = "inception-v3-compat (the TF FID Inception, pool3 2048-d: the standard FID)"
 
 
 @runtime_checkable
@@ -124,36 +123,35 @@ class InceptionExtractor(nn.Module):
         return self.inception(x).reshape(x.shape[0], -1).float()  # (B, 2048)
 
 
-def default_inception_weights_path() -> Path:
-    """Where torch-fidelity caches its Inception weights: ``<torch hub dir>/checkpoints/``."""
+def torch_hub_inception_weights_path() -> Path:
+    """Where torch-fidelity keeps the same weights file: ``<torch hub dir>/checkpoints/``."""
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
 
 
+def inception_weights_paths(weights_dir: str | Path | None = None) -> list[Path]:
+    """Where an Inception weights file is looked for, in order: ``weights_dir`` (sftrl's cache,
+    where ``sftrl weights inception`` puts it), then torch-fidelity's cache."""
+    paths = [Path(weights_dir).expanduser() / INCEPTION_WEIGHTS_FILE] if weights_dir is not None else []
+    return [*paths, torch_hub_inception_weights_path()]
+
+
 def inception_extractor_if_available(
-    weights_path: str | Path | None = None,
+    weights_path: str | Path | None = None, weights_dir: str | Path | None = None
 ) -> InceptionExtractor | None:
-    """The standard FID Inception, or None when it cannot be built without a download.
+    """The standard FID Inception (:class:`sftrl.metrics.inception.FIDInceptionV3`) from a
+    weights file on disk, or None when there is none. Never downloads.
 
-    Returns None unless torch-fidelity is importable *and* the weights file exists
-    (``weights_path``, default :func:`default_inception_weights_path`). The checks are a module
-    spec lookup and a file stat; nothing is imported from torch-fidelity and nothing is fetched
-    unless both hold, and then the weights are read from the local file.
+    ``weights_path``: that file (missing: None); else the first of
+    :func:`inception_weights_paths` that exists. A file that is not the network's weights raises
+    ``ValueError`` naming it.
     """
-    if importlib.util.find_spec("torch_fidelity") is None:
-        return None
-    path = (
-        Path(weights_path).expanduser()
-        if weights_path is not None
-        else default_inception_weights_path()
-    )
-    if not path.is_file():
-        return None
-    from torchmetrics.image.fid import NoTrainInceptionV3
+    from sftrl.metrics.inception import load_fid_inception
 
-    inception = NoTrainInceptionV3(
-        name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path)
-    )
-    return InceptionExtractor(inception)
+    candidates = [Path(weights_path).expanduser()] if weights_path is not None else inception_weights_paths(weights_dir)
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        return None
+    return InceptionExtractor(load_fid_inception(path))
 
 
 # ---------------------------------------------------------------------------------- digits
@@ -435,6 +433,23 @@ def fid_kid(
     # (N_real, F); a caller scoring many samplers against one reference passes its features
     real_f = real_features if real_features is not None else extract_features(real_x, extractor, batch_size)
     fake_f = extract_features(fake_x, extractor, batch_size)  # (N_fake, F)
+    return fid_kid_from_features(real_f, fake_f, extractor.name, kid_subset_size=kid_subset_size,
+                                 kid_subsets=kid_subsets, seed=seed)
+
+
+def fid_kid_from_features(
+    real_f: torch.Tensor,
+    fake_f: torch.Tensor,
+    extractor_name: str,
+    *,
+    kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
+    seed: int = 0,
+) -> FIDResult:
+    """FID and KID from features already extracted (``(N_real, F)``, ``(N_fake, F)``): what
+    :func:`fid_kid` does after its extraction, for a caller that extracts batch by batch."""
+    if real_f.dim() != 2 or fake_f.dim() != 2 or real_f.shape[1] != fake_f.shape[1]:
+        raise ValueError(f"features must be (N, F) with one F, got {tuple(real_f.shape)} and {tuple(fake_f.shape)}")
     num_features = real_f.shape[1]
     subset_size = min(kid_subset_size, len(real_f), len(fake_f))
 
@@ -459,7 +474,7 @@ def fid_kid(
         fid=fid_value,
         kid_mean=float(kid_mean),
         kid_std=float(kid_std),
-        extractor=extractor.name,
+        extractor=extractor_name,
         num_real=len(real_f),
         num_fake=len(fake_f),
         kid_subset_size=subset_size,
