@@ -1,8 +1,21 @@
 #!/usr/bin/env bash
 # Start a local Ray head with the dashboard and job server bound to 127.0.0.1 only.
 #
-#   bash cluster/start-local-head.sh            # then: ray job submit --address http://127.0.0.1:8265 ...
+#   bash cluster/start-local-head.sh
 #   SFTRL_DASHBOARD_PORT=8266 bash cluster/start-local-head.sh --block   # extra args go to `ray start`
+#
+# Ports: SFTRL_GCS_PORT (6379), SFTRL_DASHBOARD_PORT (8265), SFTRL_DASHBOARD_AGENT_PORT (52365: the
+# job agent's; with another Ray already on this machine, pick a free one, or jobs fail with
+# "No available agent to submit job").
+#
+# then submit to it from the project root (README.md, "Running on a cluster"):
+#
+# cluster: cluster/start-local-head.sh (this machine; CPUs asked: 2 workers x 0.5 = 1)
+#   RAY_AUTH_MODE=disabled ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+#       python -m sftrl.run configs/swissroll.yaml rollout.num_workers=2 --run-dir "$PWD/runs/swissroll-job"
+#
+# A GPU on this machine: the driver computes on it, so declare it (--entrypoint-num-gpus 1) and
+# leave the actors' shares (rollout.num_gpus_per_worker, ray.learner_num_gpus, ...) room beside it.
 #
 # The dashboard and job server (8265) listen on loopback only. To reach them from another machine,
 # forward the port over SSH (`ssh -L 8265:127.0.0.1:8265 HOST`) rather than binding it to a public
@@ -29,5 +42,6 @@ exec "${RAY[@]}" start --head \
   --port="${SFTRL_GCS_PORT:-6379}" \
   --dashboard-host=127.0.0.1 \
   --dashboard-port="${SFTRL_DASHBOARD_PORT:-8265}" \
+  --dashboard-agent-listen-port="${SFTRL_DASHBOARD_AGENT_PORT:-52365}" \
   --include-dashboard=true \
   "$@"

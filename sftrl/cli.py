@@ -1,4 +1,4 @@
-"""The ``sftrl`` command: ``run | pretrain | sample | eval | weights | schedule``.
+"""The ``sftrl`` command: ``run | pretrain | sample | export | eval | weights | schedule``.
 
 Every user mistake ends with a one-line ``error: ...`` and exit code 2.
 """
@@ -205,6 +205,23 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from sftrl.export import check_export_folder, export_diffusers
+    from sftrl.preflight import check_can_write
+
+    out = Path(args.out)
+    check_export_folder(out)
+    check_can_write(out, "--out", directory=True)
+    cfg, sampler, _, path = _load_run(args.run_dir, args.checkpoint)
+    if cfg.model.sampler != "unet":
+        raise ValueError(f"--format diffusers writes a U-Net; run '{args.run_dir}' fine-tuned model.sampler "
+                         f"{cfg.model.sampler!r}")
+    export_diffusers(sampler, cfg, out, run_dir=Path(args.run_dir), checkpoint=path)
+    print(f"wrote the sampler of '{path}' as a diffusers folder to {out} (UNet2DModel.from_pretrained loads it; "
+          f"its README.md states the {cfg.diffusion.steps}-step schedule it was tuned for)", file=sys.stderr)
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from sftrl.components import InitState
     from sftrl.evaluation import build_evaluator
@@ -240,7 +257,7 @@ def build_parser() -> OneLineParser:
 
     parser = OneLineParser(prog="sftrl", description="Shortcut fine-tuning of diffusion samplers (SFT-PG) on Ray.")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{run,pretrain,sample,eval,weights,schedule}")
+                                metavar="{run,pretrain,sample,export,eval,weights,schedule}")
 
     run = sub.add_parser("run", help="fine-tune from a config (same as python -m sftrl.run)", add_help=False)
     run.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG [key=value ...] [--run-dir DIR] [--resume auto|PATH]")
@@ -265,6 +282,14 @@ def build_parser() -> OneLineParser:
     samp.add_argument("--batch-size", type=_positive_int, default=1000,
                       help="chains sampled at once, the float samples held at once (default 1000)")
     samp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    exp = sub.add_parser("export", help="write a run's fine-tuned U-Net as a diffusers UNet2DModel folder")
+    exp.add_argument("run_dir", help="a run directory written by sftrl run (an image run: the U-Net sampler)")
+    exp.add_argument("--format", choices=("diffusers",), required=True,
+                     help="diffusers: config.json + diffusion_pytorch_model.safetensors, a DDPMScheduler config, "
+                          "and README.md / sftrl_schedule.json with the few-step schedule it was tuned for")
+    exp.add_argument("--out", required=True, help="a new folder (or an empty one)")
+    exp.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
 
     wts = sub.add_parser("weights", help="fetch network weights that a run never downloads by itself")
     wts.add_argument("name", choices=("inception",), help="inception: the standard FID Inception (about 92 MB)")
@@ -296,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "sample" and args.out is None:
         args.out = "samples" if args.format == "png" else "samples.npz"
-    handlers = {"pretrain": _pretrain, "sample": _sample, "eval": _eval, "schedule": _schedule,
+    handlers = {"pretrain": _pretrain, "sample": _sample, "export": _export, "eval": _eval, "schedule": _schedule,
                 "weights": _weights}
     from sftrl.files import out_of_space
 

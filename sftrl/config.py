@@ -15,7 +15,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from sftrl.configtools import ConfigError, Range, check_ranges, doc_field, load_config, to_dict
+from sftrl.configtools import (
+    ConfigError,
+    NamedSections,
+    Range,
+    Sections,
+    check_ranges,
+    doc_field,
+    load_config,
+    to_dict,
+)
 
 TOY_DATASETS = ("swissroll", "moons", "gaussian")
 IMAGE_DATASETS = ("digits", "mnist", "cifar10", "celeba", "folder")
@@ -125,9 +134,29 @@ class PretrainConfig:
     )
 
 
+def _algorithm_names() -> list[str]:
+    from sftrl.algos import algorithm_names
+
+    return algorithm_names()
+
+
+def _algorithm_settings(name: str) -> type | None:
+    """The settings class of algorithm ``name``; loads a plug-in, raises ``PluginError`` (a ConfigError)."""
+    from sftrl.algos import algorithm_class
+
+    return algorithm_class(name).settings_class
+
+
+# ``algo.<name>``: an algorithm's own settings (sftrl.algos.base says how a plug-in declares them).
+ALGORITHM_SETTINGS = NamedSections("algorithm", _algorithm_names, _algorithm_settings, selected_by="name")
+
+
 @dataclasses.dataclass(frozen=True)
 class AlgoConfig:
-    name: str = doc_field("sft-pg", "Policy-gradient algorithm: sft-pg (the paper), ppo, sft (pathwise).")
+    name: str = doc_field(
+        "sft-pg", "Policy-gradient algorithm: sft-pg (the paper), ppo, sft (pathwise), or the name of an installed "
+        "plug-in (entry-point group sftrl.algorithms), whose own settings are read from algo.<name>.",
+    )
     critic_regulariser: Literal["B", "GP"] = doc_field(
         "B", "Critic regulariser: B, baseline regularisation (Eq. 23), or GP, gradient penalty (Eq. 22)."
     )
@@ -154,6 +183,10 @@ class AlgoConfig:
         "sft-pg with rollout.max_lag >= 1: truncation of the importance weight pi_theta / pi_behaviour "
         "on transitions collected with older weights (V-trace's rho-bar).",
         valid=POSITIVE,
+    )
+    sections: Sections = doc_field(
+        doc="Algorithms' own settings, keyed by algorithm name: algo.<name>.<key> (plug-ins' settings_class).",
+        default_factory=Sections, sections=ALGORITHM_SETTINGS,
     )
 
 
@@ -312,13 +345,20 @@ class Config:
 
 def load(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read ``path`` (YAML; None: defaults), apply ``key.sub=value`` overrides, check: the
-    fields (``Config.validate``) and what the run derives from them (``RunPlan.of``)."""
+    fields (``Config.validate``) and what the run derives from them (``RunPlan.of``).
+
+    A diffusers folder as ``model.checkpoint`` fills the U-Net and beta-schedule keys the config
+    leaves unset and must agree with those it sets (``sftrl.checkpoint_settings``)."""
+    from sftrl.checkpoint_settings import CheckpointSettings
     from sftrl.plan import RunPlan
 
+    from_checkpoint = CheckpointSettings.of(Config, path, overrides)
+
     def check(cfg: Config) -> None:
+        from_checkpoint.check()
         RunPlan.of(cfg.validate())
 
-    return load_config(Config, path, overrides, check=check)
+    return load_config(Config, path, [*overrides, *from_checkpoint.overrides], check=check)
 
 
 def pretrain_key(cfg: Config) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from sftrl.algos import ALGORITHMS
+from sftrl.algos import PluginError, algorithm_class
 from sftrl.algos.base import DataNeed
 from sftrl.config import Config
 from sftrl.configtools import ConfigError
@@ -90,19 +90,20 @@ class RunPlan:
     @classmethod
     def of(cls, cfg: Config) -> RunPlan:
         d, a = cfg.diffusion, cfg.algo
-        if a.name not in ALGORITHMS:
-            raise ConfigError(f"'algo.name' = {a.name!r} is invalid: valid: {', '.join(sorted(ALGORITHMS))}",
-                              key="algo.name")
+        try:
+            algorithm = algorithm_class(a.name)
+        except PluginError as exc:
+            raise ConfigError(f"'algo.name' = {a.name!r} is invalid: {exc.message}", key="algo.name") from None
         schedule = schedule_of(cfg)
         bad = [row["n"] for row in schedule.rows() if not all(math.isfinite(float(v)) for v in row.values())]
         if bad:
             raise ConfigError(f"'diffusion.schedule' = {d.schedule!r} is invalid: its coefficients are not finite at "
                               f"step(s) n = {bad[:5]} with these diffusion.* settings", key="diffusion.schedule")
-        if cfg.ray.num_learners > 1 and not ALGORITHMS[a.name].shardable:
+        if cfg.ray.num_learners > 1 and not algorithm.shardable:
             raise ConfigError(f"'ray.num_learners' = {cfg.ray.num_learners} is invalid: {a.name!r} cannot share its "
                               "batches between learners (each would draw its own chains): use 1", key="ray.num_learners")
         steps = trainable_steps(schedule.sigma, d.final_step_std)
-        data_need = ALGORITHMS[a.name].data
+        data_need = algorithm.data
         if data_need != "none" and not steps:
             kappa = f" with kappa = {d.kappa:g}" if d.schedule.startswith("fastdpm") else ""
             raise ConfigError(

@@ -7,6 +7,8 @@ network), ``pretrain`` (the settings it was trained with) and ``final_eps_mse``.
 ``model.checkpoint`` may name such a file or, for the U-Net sampler, a public DDPM/DDIM release
 (a plain EMA state dict, or the DDIM training list whose last dict is the EMA state dict; see
 :func:`sftrl.models.unet.load_ddim_checkpoint`). The two are told apart by the ``format`` entry.
+It may also name a diffusers ``UNet2DModel`` folder (:mod:`sftrl.models.diffusers_unet`), whose
+settings the config took when it was loaded (:mod:`sftrl.checkpoint_settings`).
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from sftrl.data.store import ImageStore
 from sftrl.diffusion.betas import alphas_cumprod, make_betas
 from sftrl.diffusion.pretrain import eps_mse
 from sftrl.files import torch_save_atomic
-from sftrl.models.unet import CheckpointMismatchError, load_ddim_checkpoint
+from sftrl.models.unet import CheckpointMismatchError, UNet, load_ddim_checkpoint
 from sftrl.progress import Progress
 
 SAMPLER_FORMAT = "sftrl-sampler-v1"
 DDIM_FORMAT = "ddim"  # what ``load_or_pretrain`` reports for a public DDPM/DDIM release
+DIFFUSERS_FORMAT = "diffusers"  # ... and for a diffusers UNet2DModel folder
 # Keys of each kind a one-line checkpoint-mismatch error names before summarising the rest.
 MAX_KEYS_IN_ERROR = 5
 # The U-Net keeps an exponential moving average of its weights and ends pretraining with it, as
@@ -224,7 +227,8 @@ def load_sampler_checkpoint(path: Path, model: nn.Module, cfg: Config) -> dict:
     return _load_sftrl_checkpoint(path, _read_checkpoint(path), model, cfg)
 
 
-def _one_line_mismatch(path: Path, err: CheckpointMismatchError, model: nn.Module) -> str:
+def _one_line_mismatch(path: Path, err: CheckpointMismatchError, model: nn.Module,
+                       what: str = "DDPM/DDIM checkpoint") -> str:
     """A :class:`CheckpointMismatchError` (one line per key) as one line naming the first keys."""
 
     def listing(what: str, items: list[str]) -> str:
@@ -240,7 +244,7 @@ def _one_line_mismatch(path: Path, err: CheckpointMismatchError, model: nn.Modul
     found = " | ".join(listing(what, items) for present, what, items in kinds if present)
     built = f"{model.in_channels} channels, {model.resolution}x{model.resolution}"
     return (
-        f"DDPM/DDIM checkpoint '{path}' (model.checkpoint) does not fit the U-Net built from "
+        f"{what} '{path}' (model.checkpoint) does not fit the U-Net built from "
         f"model.unet_* ({built}); nothing was loaded: {found}"
     )
 
@@ -259,8 +263,11 @@ def load_ddim_release(path: Path, model: nn.Module) -> None:
 
 def load_initial_checkpoint(path: str | Path, model: nn.Module, cfg: Config) -> dict:
     """Initialise ``model`` from ``model.checkpoint``: an sftrl sampler checkpoint (a dict with a
-    ``format`` entry) or, for the U-Net, a public DDPM/DDIM release. Returns the report entry."""
+    ``format`` entry) or, for the U-Net, a public DDPM/DDIM release or a diffusers folder. Returns the
+    report entry."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        return load_diffusers_folder(path, model, cfg)
     if not path.is_file():
         raise SamplerCheckpointError(f"sampler checkpoint '{path}' not found (model.checkpoint)")
     ckpt = _read_checkpoint(path)
@@ -275,6 +282,46 @@ def load_initial_checkpoint(path: str | Path, model: nn.Module, cfg: Config) -> 
     del ckpt  # load_ddim_checkpoint reads the file itself
     load_ddim_release(path, model)
     return {"source": "checkpoint", "format": DDIM_FORMAT, "path": str(path), "seconds": 0.0}
+
+
+def load_diffusers_folder(path: Path, model: nn.Module, cfg: Config) -> dict:
+    """Load a diffusers ``UNet2DModel`` folder into the U-Net ``model``; every failure is a one-line
+    :class:`SamplerCheckpointError`. Returns the report entry."""
+    from sftrl.models.diffusers_unet import (
+        DiffusersFormatError,
+        load_diffusers_weights,
+        read_layout,
+        read_scheduler,
+        unet_folder,
+    )
+
+    if unet_folder(path) is None:
+        raise SamplerCheckpointError(
+            f"model.checkpoint '{path}' is a folder but not a diffusers model folder (config.json and "
+            "diffusion_pytorch_model.safetensors, or a pipeline's model_index.json with unet/); a sampler "
+            "checkpoint is a file"
+        )
+    if cfg.model.sampler != "unet" or not isinstance(model, UNet):
+        raise SamplerCheckpointError(f"model.checkpoint '{path}' is a diffusers U-Net: it needs model.sampler: unet")
+    try:
+        layout, scheduler = read_layout(path), read_scheduler(path)
+        built = {"ch": model.ch, "ch_mult": model.ch_mult, "num_res_blocks": model.num_res_blocks,
+                 "in_channels": model.in_channels, "out_ch": model.out_ch, "resolution": model.resolution,
+                 "attn_resolutions": tuple(r for r in layout.level_resolutions() if r in model.attn_resolutions)}
+        differ = [f"{k}: folder {getattr(layout, k)!r} vs config {v!r}" for k, v in built.items()
+                  if getattr(layout, k) != v]
+        if scheduler is not None and scheduler != (cfg.diffusion.num_train_steps, cfg.diffusion.beta_schedule):
+            differ.append(f"base DDPM: folder T = {scheduler[0]} {scheduler[1]} betas vs config diffusion.num_train_steps "
+                          f"= {cfg.diffusion.num_train_steps}, diffusion.beta_schedule = {cfg.diffusion.beta_schedule}")
+        if differ:  # the config loader fills these from the folder; the data set fixes the channels
+            raise SamplerCheckpointError(f"diffusers folder '{path}' (model.checkpoint) does not fit the U-Net "
+                                         f"built from the config and data set ({'; '.join(differ)})")
+        load_diffusers_weights(path, model)
+    except CheckpointMismatchError as err:
+        raise SamplerCheckpointError(_one_line_mismatch(path, err, model, what="diffusers folder")) from None
+    except DiffusersFormatError as err:
+        raise SamplerCheckpointError(f"model.checkpoint: {err}") from None
+    return {"source": "checkpoint", "format": DIFFUSERS_FORMAT, "path": str(path), "seconds": 0.0}
 
 
 def pretrain_ema_decay(cfg: Config) -> float | None:
@@ -320,7 +367,7 @@ def load_or_pretrain(
     """Initialise ``model`` from ``model.checkpoint``, the cache, or a fresh pretraining run.
 
     Returns ``{"source": "checkpoint"|"cache"|"pretrained", "path": ..., "seconds": ...}`` (a
-    checkpoint also says its ``format``: ``sftrl-sampler-v1`` or ``ddim``). ``fingerprint``:
+    checkpoint also says its ``format``: ``sftrl-sampler-v1``, ``ddim`` or ``diffusers``). ``fingerprint``:
     ``data_fingerprint(data)`` where the caller has it. Only a finite, trained sampler is
     cached (``PretrainingFailed`` otherwise), and a cached one with non-finite weights (cached
     by an older sftrl) is trained again.

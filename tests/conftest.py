@@ -49,3 +49,51 @@ def assert_close(actual, expected, rtol=0.0, atol=0.0):
     assert bool((diff <= atol + rtol * expected.abs()).all()), (
         f"max abs diff {diff.max().item():.3e}"
     )
+
+
+# -- algorithm plug-ins (tests/test_plugins.py; tests/test_cluster_examples.py for the README's) ----
+
+EXAMPLE = REPO / "examples" / "plugin"
+# The example plug-in's own names (examples/plugin/pyproject.toml).
+AWR, AWR_MODULE, AWR_DIST = "sft-awr", "sftrl_awr", "sftrl-awr"
+
+
+def fake_distribution(site: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+    """Install by hand what pip would: ``dist``'s metadata with ``entry_points`` in the group
+    ``sftrl.algorithms``, and ``modules`` (name -> source) beside it."""
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = "".join(f"{name} = {value}\n" for name, value in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[sftrl.algorithms]\n{lines}")
+    for name, source in modules.items():
+        (site / f"{name}.py").write_text(source)
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """A directory on ``sys.path`` to install plug-ins into; what they registered and imported
+    is forgotten after the test."""
+    from sftrl.algos import ALGORITHMS
+    from sftrl.algos.base import _entry_points
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    registered, modules = dict(ALGORITHMS), set(sys.modules)
+    _entry_points.cache_clear()
+    yield site
+    ALGORITHMS.clear()
+    ALGORITHMS.update(registered)
+    for name in set(sys.modules) - modules:
+        if getattr(sys.modules[name], "__file__", "") and str(site) in sys.modules[name].__file__:
+            del sys.modules[name]
+    _entry_points.cache_clear()
+
+
+@pytest.fixture
+def awr(site):
+    """The README's example plug-in, installed in-process."""
+    fake_distribution(site, AWR_DIST, {AWR: f"{AWR_MODULE}:AWR"},
+                      {AWR_MODULE: (EXAMPLE / f"{AWR_MODULE}.py").read_text()})
+    return site

@@ -68,6 +68,9 @@ def local_head(tmp_path_factory):
         "RAY_USAGE_STATS_ENABLED": "0",
         "SFTRL_GCS_PORT": str(gcs_port),
         "SFTRL_DASHBOARD_PORT": str(dash_port),
+        # the job agent's own port: Ray's default (52365) is taken by any other Ray on this machine,
+        # and jobs then fail with "No available agent to submit job"
+        "SFTRL_DASHBOARD_AGENT_PORT": str(_free_port()),
         "SFTRL_RAY": f"{sys.executable} -m ray.scripts.scripts",  # the interpreter running the tests
     }
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")

@@ -1,8 +1,19 @@
 """The policy-gradient plug-in interface and its registry.
 
 An algorithm turns data from the replay buffer (or none, for pathwise SFT) into policy updates.
-Adding one: write ``sftrl/algos/my_algo.py`` with a ``PolicyAlgorithm`` subclass decorated by
-``@register("my-algo")``, and add its module to ``_PLUGIN_MODULES`` in ``sftrl/algos/__init__.py``.
+The built-ins are ``PolicyAlgorithm`` subclasses in ``sftrl/algos/``, decorated by
+``@register("name")`` and listed in ``_PLUGIN_MODULES`` of ``sftrl/algos/__init__.py``.
+
+Any installed package adds one with an entry point in the group ``sftrl.algorithms``: its name
+is the algorithm's name (``algo.name``), its object a ``PolicyAlgorithm`` subclass
+(``my-pg = my_package.algo:MyPG``). Entry points are read only when a name that is not built
+in is asked for, or when the valid names are listed; a plug-in is imported only when its name
+is asked for. A plug-in cannot take a built-in's name (the built-in is found first).
+
+An algorithm may declare ``settings_class``, a frozen dataclass of ``doc_field`` settings: its
+values are read from the config section ``algo.<name>`` (the name verbatim: ``algo.my-pg.temperature``)
+with the checks of every other section, and it is the ``settings`` the algorithm is built with.
+One that declares none (the built-ins) is built with the whole ``algo`` section.
 """
 
 from __future__ import annotations
@@ -10,15 +21,23 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import importlib.metadata
+import inspect
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import torch
 from torch import nn
 
 from sftrl.buffer import TransitionBatch
+from sftrl.configtools import ConfigError, check_schema, from_dict
 from sftrl.diffusion.schedules import StepTables
 from sftrl.diffusion.step import Reduction
+
+if TYPE_CHECKING:
+    from sftrl.config import AlgoConfig
+
+PLUGIN_GROUP = "sftrl.algorithms"  # the entry-point group of algorithm plug-ins
 
 DataNeed = Literal["samples", "all", "none"]
 
@@ -91,12 +110,14 @@ class PolicyAlgorithm(abc.ABC):
 
     ``data`` says what the learner must be given: ``samples`` (``n_generator`` batches of
     ``batch_size`` transitions drawn uniformly from the buffer), ``all`` (every transition in the
-    buffer) or ``none`` (the algorithm generates its own chains).
+    buffer) or ``none`` (the algorithm generates its own chains). ``settings`` is an instance of
+    ``settings_class`` (read from ``algo.<name>``), or the ``algo`` section where it is None.
     """
 
     name: ClassVar[str]
     data: ClassVar[DataNeed]
     shardable: ClassVar[bool] = True  # learners may share its batches (ray.num_learners > 1)
+    settings_class: ClassVar[type | None] = None  # a frozen dataclass of doc_fields, or None
 
     def __init__(self, settings: Any):
         self.settings = settings
@@ -120,10 +141,86 @@ def register(name: str) -> Callable[[type[PolicyAlgorithm]], type[PolicyAlgorith
     return decorate
 
 
-def make_algorithm(name: str, settings: Any) -> PolicyAlgorithm:
-    """The registered algorithm ``name``; an unknown name raises with the valid ones."""
+class PluginError(ConfigError):
+    """An algorithm that cannot be had, in one line: an unknown name, a plug-in that fails to
+    load or is not an algorithm, or a name that two plug-ins claim."""
+
+
+def make_algorithm(name: str, algo: AlgoConfig) -> PolicyAlgorithm:
+    """The algorithm ``name`` built with its settings: its section of ``algo`` (defaults where
+    there is none), or all of ``algo`` for one without a ``settings_class``."""
+    cls = algorithm_class(name)
+    if cls.settings_class is None:
+        return cls(algo)
+    section = algo.sections.get(name)
+    return cls(section if section is not None else from_dict(cls.settings_class, {}, where=f"algo.{name}"))
+
+
+def algorithm_class(name: str) -> type[PolicyAlgorithm]:
+    """The algorithm ``name``: a built-in, else the plug-in of that name (loaded once)."""
+    if name not in ALGORITHMS:
+        ALGORITHMS[name] = _load_plugin(name)
+    return ALGORITHMS[name]
+
+
+def algorithm_names() -> list[str]:
+    """Every valid ``algo.name``: the built-ins and the installed plug-ins (none is imported)."""
+    return sorted(ALGORITHMS) + sorted(set(_entry_points()) - set(ALGORITHMS))
+
+
+@functools.cache
+def _entry_points() -> dict[str, list[importlib.metadata.EntryPoint]]:
+    """The plug-ins' entry points by name, as installed when first asked (``cache_clear`` to
+    read them again)."""
+    found: dict[str, list[importlib.metadata.EntryPoint]] = {}
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        if all(entry.value != other.value or _distribution(entry) != _distribution(other)
+               for other in found.get(entry.name, [])):  # the same one seen twice on sys.path
+            found.setdefault(entry.name, []).append(entry)
+    return found
+
+
+def _distribution(entry: importlib.metadata.EntryPoint) -> str:
+    return f"{entry.dist.name} {entry.dist.version}" if entry.dist is not None else "an unnamed distribution"
+
+
+def _describe(entry: importlib.metadata.EntryPoint) -> str:
+    return f"plug-in '{entry.name} = {entry.value}' (distribution {_distribution(entry)})"
+
+
+def _load_plugin(name: str) -> type[PolicyAlgorithm]:
+    """Import the plug-in ``name`` and check it is an algorithm; every failure is one line."""
+    entries = _entry_points().get(name, [])
+    if not entries:
+        raise PluginError(f"unknown algorithm {name!r}; valid: {', '.join(algorithm_names())} "
+                          f"(plug-ins add names: entry-point group '{PLUGIN_GROUP}')")
+    if len(entries) > 1:
+        raise PluginError(f"algorithm {name!r} is claimed by {len(entries)} plug-ins: "
+                          f"{'; '.join(sorted(map(_describe, entries)))}; uninstall all but one")
+    entry = entries[0]
     try:
-        cls = ALGORITHMS[name]
-    except KeyError:
-        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(sorted(ALGORITHMS))}") from None
-    return cls(settings)
+        cls = entry.load()
+    except Exception as exc:  # whatever its import raises: said in one line, the built-ins unaffected
+        raise PluginError(f"{_describe(entry)} failed to load: {type(exc).__name__}: {exc}") from None
+    problem = _plugin_problem(cls)
+    if problem:
+        raise PluginError(f"{_describe(entry)} is not a usable algorithm: {problem}")
+    cls.name = name
+    return cls
+
+
+def _plugin_problem(cls: Any) -> str:
+    """What keeps ``cls`` from being an algorithm ('' when nothing does)."""
+    if not (isinstance(cls, type) and issubclass(cls, PolicyAlgorithm)):
+        return f"{cls!r} is not a subclass of sftrl.algos.PolicyAlgorithm"
+    if inspect.isabstract(cls):
+        return f"{cls.__qualname__} does not implement update()"
+    data = getattr(cls, "data", None)
+    if data not in get_args(DataNeed):
+        return f"{cls.__qualname__}.data is {data!r}, not one of {', '.join(map(repr, get_args(DataNeed)))}"
+    if cls.settings_class is not None:
+        try:
+            check_schema(cls.settings_class)
+        except TypeError as exc:  # one line: the schema's problems, joined
+            return f"settings_class {'; '.join(line.strip() for line in str(exc).splitlines()[1:])}"
+    return ""

@@ -7,6 +7,9 @@ This module knows nothing about that schema; it only relies on these conventions
   optionally ``choices`` for a plain ``str`` field) in the field's metadata;
 * a nested section is a field whose type is another such dataclass, with a
   ``default_factory``;
+* a field declared with ``sections=NamedSections(...)`` (typed ``Sections``) gathers the
+  section's other keys as sub-sections whose schema is looked up by name when the config is
+  read (an algorithm plug-in's own settings: ``algo.my-pg.temperature``);
 * leaf types are ``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, ``X | None`` /
   ``Optional[X]`` and ``tuple[X, ...]`` (or fixed ``tuple[X, Y]``) of those;
 * string annotations
@@ -32,13 +35,15 @@ from sftrl.configtools.reference import (
     config_reference_markdown,
     iter_fields,
 )
-from sftrl.configtools.schema import Range, doc_field, type_string
+from sftrl.configtools.schema import NamedSections, Range, Sections, doc_field, type_string
 from sftrl.configtools.yaml_io import dump_yaml, flat_dict, load_yaml_file, to_dict
 
 __all__ = [
     "ConfigError",
     "FieldInfo",
+    "NamedSections",
     "Range",
+    "Sections",
     "apply_overrides",
     "check_ranges",
     "check_schema",

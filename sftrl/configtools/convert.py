@@ -14,12 +14,15 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 from sftrl.configtools.errors import ConfigError, _got, _join, _Mismatch, short_repr
 from sftrl.configtools.schema import (
     _MISSING,
+    NamedSections,
+    Sections,
     _choices,
     _describe,
     _hints,
     _init_fields,
     _is_dataclass_type,
     _is_union,
+    _named_sections,
     _NoneType,
     _section_class,
     type_string,
@@ -157,15 +160,22 @@ def _unknown_key_error(cls: type, key: Any, where: str) -> ConfigError:
     else:  # the key may belong in a nested section: ``lr`` at top level -> ``trainer.lr``
         nested = [p for p in _leaf_paths(cls) if "." in p and p.rsplit(".", 1)[1] == key]
         suggestions.extend(_join(where, p) for p in nested[:3])
+    named = _named_sections(cls)
+    names = list(named[1].names()) if named is not None else []
+    also = f"; or a section named after an {named[1].kind}: {', '.join(names)}" if named and names else ""
+    near = _close(key, names) if not suggestions else None
+    if near is not None:  # ``algo.my-pgg.temperature`` -> ``algo.my-pg``
+        suggestions.append(near)
     hint = f"; did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ""
-    return ConfigError(f"unknown key '{dotted}' — {scope}: {', '.join(valid)}{hint}", key=dotted)
+    return ConfigError(f"unknown key '{dotted}' — {scope}: {', '.join(valid)}{also}{hint}", key=dotted)
 
 
 def _build(cls: Any, data: Mapping[Any, Any], where: str) -> Any:
     hints = _hints(cls)
     fields = {f.name: f for f in _init_fields(cls)}
+    named = _named_sections(cls)
     for key in data:
-        if key not in fields:
+        if key not in fields and (named is None or key not in named[1].names()):
             raise _unknown_key_error(cls, key, where)
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
@@ -177,7 +187,41 @@ def _build(cls: Any, data: Mapping[Any, Any], where: str) -> Any:
                 f"missing required key '{key}' — it must be {_describe(hints[name], _choices(f))}",
                 key=key,
             )
+    if named is not None:
+        field_name, spec = named
+        given = {k: v for k, v in data.items() if k not in fields}
+        selected = None
+        if spec.selected_by is not None:
+            selected = kwargs[spec.selected_by] if spec.selected_by in kwargs else fields[spec.selected_by].default
+        kwargs[field_name] = _build_sections(spec, given, selected, where)
     return cls(**kwargs)
+
+
+def section_schema(spec: NamedSections, name: str, key: str, label: str) -> type | None:
+    """``spec.schema(name)``, its ``ConfigError`` keyed ``key`` and prefixed ``label: ``."""
+    try:
+        return spec.schema(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: {exc.message}", key=key) from None
+
+
+def _build_sections(spec: NamedSections, given: Mapping[str, Any], selected: Any, where: str) -> Sections:
+    """The sections ``given`` (name -> plain data) built with their schemas, and the one named
+    ``selected`` (if it has settings) from defaults when it is not given."""
+    built: dict[str, Any] = {}
+    for name, value in given.items():
+        key = _join(where, name)
+        schema = section_schema(spec, name, key, f"'{key}'")
+        if schema is None:
+            raise ConfigError(f"'{key}' is invalid: {spec.kind} {name!r} takes no settings section", key=key)
+        built[name] = _convert_keyed(schema, value, key)
+    if isinstance(selected, str) and selected not in built:
+        assert spec.selected_by is not None
+        key = _join(where, spec.selected_by)
+        schema = section_schema(spec, selected, key, f"'{key}' = {selected!r} is invalid")
+        if schema is not None:
+            built[selected] = _build(schema, {}, _join(where, selected))
+    return Sections(built)
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, where: str = "") -> T:
@@ -209,6 +253,10 @@ def check_ranges(tree: Any, prefix: str = "") -> None:
     def invalid(key: str, value: Any, valid: str) -> ConfigError:
         return ConfigError(f"'{key}' = {short_repr(value)} is invalid: must {valid}", key=key)
 
+    named = _named_sections(type(tree))
+    if named is not None:
+        for name, section in getattr(tree, named[0]).items():
+            check_ranges(section, _join(prefix, name))
     for f in _init_fields(type(tree)):
         key, value, valid = _join(prefix, f.name), getattr(tree, f.name), f.metadata.get("valid")
         if dataclasses.is_dataclass(value):

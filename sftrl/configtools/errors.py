@@ -23,7 +23,10 @@ class ConfigError(ValueError):
         self.key = key
 
     def with_context(self, context: str) -> ConfigError:
-        """A copy whose message starts with ``context: `` (e.g. the file it came from)."""
+        """A copy whose message starts with ``context: `` (e.g. the file it came from), once: a
+        message that already names it (an override's own parse error) is kept as it is."""
+        if self.message.startswith(f"{context}: "):
+            return ConfigError(self.message, key=self.key)
         return ConfigError(f"{context}: {self.message}", key=self.key)
 
 

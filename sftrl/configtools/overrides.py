@@ -10,9 +10,17 @@ from typing import Any, TypeVar
 
 import yaml
 
-from sftrl.configtools.convert import _unknown_key_error, from_dict
+from sftrl.configtools.convert import _unknown_key_error, from_dict, section_schema
 from sftrl.configtools.errors import ConfigError, _got, short_repr
-from sftrl.configtools.schema import _choices, _hints, _init_fields, _section_class, type_string
+from sftrl.configtools.schema import (
+    NamedSections,
+    _choices,
+    _hints,
+    _init_fields,
+    _named_sections,
+    _section_class,
+    type_string,
+)
 from sftrl.configtools.yaml_io import _load_yaml_text, _yaml_problem, load_yaml_file
 
 T = TypeVar("T")
@@ -59,9 +67,14 @@ def _check_override_path(cls: type, path: Sequence[str], text: str) -> type | No
     for i, part in enumerate(path):
         where = ".".join(path[:i])
         names = [f.name for f in _init_fields(current)]
-        if part not in names:
+        named = _named_sections(current)
+        section: type | None
+        if part not in names and named is not None and part in named[1].names():
+            section = _named_section(named[1], part, ".".join(path[: i + 1]), text)
+        elif part not in names:
             raise _unknown_key_error(current, part, where).with_context(f"override {short_repr(text)}")
-        section = _section_class(_hints(current)[part])
+        else:
+            section = _section_class(_hints(current)[part])
         if i == len(path) - 1:
             return section
         if section is None:
@@ -75,6 +88,15 @@ def _check_override_path(cls: type, path: Sequence[str], text: str) -> type | No
             )
         current = section
     return None
+
+
+def _named_section(spec: NamedSections, name: str, key: str, text: str) -> type:
+    """The settings class of the named section ``key`` (``algo.my-pg``) an override sets."""
+    schema = section_schema(spec, name, key, f"override {short_repr(text)}: '{key}'")
+    if schema is None:
+        raise ConfigError(f"override {short_repr(text)}: '{key}' is invalid: {spec.kind} {name!r} takes no "
+                          "settings section", key=key)
+    return schema
 
 
 def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

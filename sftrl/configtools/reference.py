@@ -10,11 +10,13 @@ from sftrl.configtools.convert import _convert_keyed
 from sftrl.configtools.errors import ConfigError, _join
 from sftrl.configtools.schema import (
     _MISSING,
+    Sections,
     _choices,
     _hints,
     _init_fields,
     _is_dataclass_type,
     _is_union,
+    _named_sections,
     _NoneType,
     _section_class,
     type_string,
@@ -148,6 +150,12 @@ def _schema_problems(cls: type, prefix: str) -> list[str]:
         hints = _hints(cls)
     except TypeError as exc:
         return [*problems, f"{label}: {exc}"]
+    named = _named_sections(cls)
+    if named is not None:
+        f = next(f for f in dataclasses.fields(cls) if f.name == named[0])
+        if hints[f.name] is not Sections or f.default_factory is not Sections:
+            problems.append(f"{_join(prefix, f.name)}: named sections are typed Sections, with "
+                            "default_factory=Sections")
     for f in _init_fields(cls):
         name = _join(prefix, f.name)
         tp = hints[f.name]

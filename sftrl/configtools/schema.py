@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
 from sftrl.configtools.errors import _quote_list
@@ -61,6 +61,49 @@ def _number(x: float) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
+@dataclasses.dataclass(frozen=True)
+class NamedSections:
+    """Declares that the keys of a section that are not its fields name sub-sections whose
+    schema is looked up by name when the config is read: ``algo.my-pg.temperature`` is field
+    ``temperature`` of the settings class of algorithm ``my-pg``. The field so declared (typed
+    :class:`Sections`) holds them; it is not itself a key in YAML.
+
+    ``names()`` lists the names that may have a section; ``schema(name)`` is the settings class
+    of a name (None: it takes none), and raises ``ConfigError`` (a one-line reason) for a name it
+    does not know or cannot load. The section named by the sibling field ``selected_by`` is
+    always built, from defaults when absent, so the resolved config shows every value the run
+    uses (and an unknown name there is an error of that field).
+    """
+
+    kind: str  # what a name names, in messages: "algorithm"
+    names: Callable[[], Sequence[str]]
+    schema: Callable[[str], type | None]
+    selected_by: str | None = None
+
+
+class Sections(Mapping[str, Any]):
+    """The value of a :class:`NamedSections` field: an immutable name -> section mapping
+    (each section a frozen dataclass), hashable and picklable like the rest of the tree."""
+
+    def __init__(self, sections: Mapping[str, Any] | None = None) -> None:
+        self._sections = dict(sections or {})
+
+    def __getitem__(self, name: str) -> Any:
+        return self._sections[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sections)
+
+    def __len__(self) -> int:
+        return len(self._sections)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._sections.items()))
+
+    def __repr__(self) -> str:
+        return f"Sections({self._sections!r})"
+
+
 def doc_field(
     default: Any = _MISSING,
     doc: str = "",
@@ -68,6 +111,7 @@ def doc_field(
     default_factory: Any = None,
     choices: Sequence[str] | None = None,
     valid: Range | None = None,
+    sections: NamedSections | None = None,
 ) -> Any:
     """A dataclass field carrying a one-line ``doc`` (and optional ``choices`` and ``valid``
     range) in metadata.
@@ -76,6 +120,8 @@ def doc_field(
     Section: ``trainer: Trainer = doc_field(doc="Trainer settings.", default_factory=Trainer)``.
     ``choices`` restricts a ``str`` field to the given values; prefer ``Literal[...]``.
     ``valid`` is checked by :func:`check_ranges` (and shown in the reference).
+    Named sections: ``sections: Sections = doc_field(doc=..., default_factory=Sections,
+    sections=NamedSections(...))`` (see :class:`NamedSections`).
     """
     if not doc or not doc.strip():
         raise TypeError("doc_field() needs a non-empty one-line doc")
@@ -84,6 +130,8 @@ def doc_field(
     metadata: dict[str, Any] = {"doc": " ".join(doc.split())}
     if valid is not None:
         metadata["valid"] = valid
+    if sections is not None:
+        metadata["sections"] = sections
     if choices is not None:
         if isinstance(choices, str) or not all(isinstance(c, str) for c in choices):
             raise TypeError("doc_field(choices=...) must be a sequence of strings")
@@ -124,7 +172,16 @@ def _section_class(tp: Any) -> type | None:
 
 
 def _init_fields(cls: type) -> list[dataclasses.Field[Any]]:
-    return [f for f in dataclasses.fields(cls) if f.init]
+    """The fields that are keys in YAML (a :class:`NamedSections` field is not)."""
+    return [f for f in dataclasses.fields(cls) if f.init and "sections" not in f.metadata]
+
+
+def _named_sections(cls: type) -> tuple[str, NamedSections] | None:
+    """``(field name, declaration)`` of the class's :class:`NamedSections` field, if it has one."""
+    for f in dataclasses.fields(cls):
+        if "sections" in f.metadata:
+            return f.name, f.metadata["sections"]
+    return None
 
 
 def _choices(f: dataclasses.Field[Any]) -> tuple[str, ...] | None:

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from sftrl.configtools.errors import ConfigError, _got
-from sftrl.configtools.schema import _init_fields
+from sftrl.configtools.schema import _init_fields, _named_sections
 
 
 class _Loader(yaml.SafeLoader):
@@ -143,7 +143,11 @@ def to_dict(obj: Any) -> dict[str, Any]:
     """Plain nested dict of a config dataclass (tuples become lists), ready for YAML."""
     if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
         raise TypeError(f"to_dict() needs a dataclass instance, got {type(obj).__name__}")
-    return {f.name: _to_plain(getattr(obj, f.name)) for f in _init_fields(type(obj))}
+    out = {f.name: _to_plain(getattr(obj, f.name)) for f in _init_fields(type(obj))}
+    named = _named_sections(type(obj))
+    if named is not None:  # named sections are keys of their parent: ``algo: {my-pg: {...}}``
+        out |= {name: to_dict(section) for name, section in getattr(obj, named[0]).items()}
+    return out
 
 
 def flat_dict(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -6,7 +6,7 @@ import dataclasses
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
@@ -18,6 +18,12 @@ from sftrl.handles import ComponentLost, ResourceError, component_device
 from sftrl.learner import Learner
 from sftrl.plan import worker_name
 from sftrl.system import System
+
+# Set by Ray's job supervisor (ray/dashboard/modules/job/job_supervisor.py) in its driver's
+# environment: the job's config, and, when the submission declared no entrypoint resources, the
+# flag that leaves CUDA_VISIBLE_DEVICES alone: the driver then sees every GPU and holds none.
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+NOSET_CUDA_ENV = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 
 
 class ComponentActor:
@@ -146,26 +152,54 @@ def check_reachable(address: str, key: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def resource_asks(cfg: Config) -> dict[str, tuple[float, str]]:
-    """What the actors reserve in all: ``{resource: (amount, the config keys behind it)}``."""
+# What a Ray job's driver that computes on a GPU reserves for itself (``ray job submit
+# --entrypoint-num-gpus 1``, KubeRay's ``entrypointNumGpus: 1``): it pretrains, evaluates and draws
+# there, so a whole GPU, which no actor's share can then land on.
+DRIVER_NUM_GPUS = 1.0
+
+
+def resource_asks(cfg: Config, driver_gpus: float = 0.0) -> dict[str, tuple[float, str]]:
+    """What the run reserves in all: ``{resource: (amount, the config keys behind it)}``: the
+    actors' shares, plus ``driver_gpus`` for a driver that computes on a GPU (``driver_num_gpus``)."""
     r, g = cfg.rollout, cfg.ray
+    driver = f" + the driver's {driver_gpus:g} (ray job submit --entrypoint-num-gpus)" if driver_gpus else ""
     return {
         "CPU": (r.num_workers * r.num_cpus_per_worker,
                 f"rollout.num_workers={r.num_workers} x rollout.num_cpus_per_worker={r.num_cpus_per_worker:g}"),
-        "GPU": (r.num_workers * r.num_gpus_per_worker + g.num_learners * g.learner_num_gpus + g.critic_num_gpus,
+        "GPU": (r.num_workers * r.num_gpus_per_worker + g.num_learners * g.learner_num_gpus + g.critic_num_gpus
+                + driver_gpus,
                 f"rollout.num_workers={r.num_workers} x rollout.num_gpus_per_worker={r.num_gpus_per_worker:g} "
                 + (f"+ ray.num_learners={g.num_learners} x " if g.num_learners > 1 else "+ ")
-                + f"ray.learner_num_gpus={g.learner_num_gpus:g} + ray.critic_num_gpus={g.critic_num_gpus:g}"),
+                + f"ray.learner_num_gpus={g.learner_num_gpus:g} + ray.critic_num_gpus={g.critic_num_gpus:g}" + driver),
     }
 
 
-def check_resources(cfg: Config, have: dict[str, float], *, fixed: bool) -> str | None:
+def driver_num_gpus(cfg: Config, env: Mapping[str, str]) -> float:
+    """The GPU this process holds as the driver of a Ray job (``env``: its environment):
+    ``DRIVER_NUM_GPUS`` when it computes on one, else 0. Outside a Ray job (Ray started here, or a
+    script joining by address) the driver's GPU is not the cluster's to count."""
+    in_a_job = RAY_JOB_CONFIG_ENV in env
+    return DRIVER_NUM_GPUS if in_a_job and components.resolve_device(cfg) == "cuda" else 0.0
+
+
+def unreserved_driver_gpu(env: Mapping[str, str]) -> str | None:
+    """A warning when this job's driver computes on a GPU its submission did not reserve (Ray
+    then sets ``NOSET_CUDA_ENV``): Ray may give that GPU to actors too."""
+    if env.get(NOSET_CUDA_ENV) != "1":
+        return None
+    return ("warning: this job's driver computes on a GPU that its submission did not reserve, so Ray may give it to "
+            f"actors too: submit with --entrypoint-num-gpus {DRIVER_NUM_GPUS:g} (KubeRay: entrypointNumGpus: "
+            f"{DRIVER_NUM_GPUS:g}), or run it where it sees no GPU")
+
+
+def check_resources(cfg: Config, have: dict[str, float], *, fixed: bool, driver_gpus: float = 0.0) -> str | None:
     """Actors that ask for more than the cluster has would wait forever. On a cluster of fixed
     size (Ray started by this command) that is an error; on a joined cluster an autoscaler may
-    still add nodes, so it is a warning (returned, for the caller to print)."""
+    still add nodes, so it is a warning (returned, for the caller to print). ``driver_gpus``: what
+    the driver holds of ``have`` (``driver_num_gpus``)."""
     short = [
         f"{resource}: {amount:g} asked ({keys}), the cluster has {have.get(resource, 0.0):g}"
-        for resource, (amount, keys) in resource_asks(cfg).items()
+        for resource, (amount, keys) in resource_asks(cfg, driver_gpus).items()
         if amount > have.get(resource, 0.0) + 1e-9
     ]
     if not short:
@@ -194,11 +228,11 @@ def learner_name(index: int, count: int) -> str:
     return f"learner-{index}" if count > 1 else "learner"
 
 
-def reserve(cfg: Config) -> tuple[Any, dict[str, int]]:
+def reserve(cfg: Config, driver_gpus: float = 0.0) -> tuple[Any, dict[str, int]]:
     """One placement group for every actor that reserves resources, so that a run starts all of
     its actors or none: ``(group, bundle index by actor name)``, or ``(None, {})`` when nothing is
     reserved. A group the cluster cannot place within ``ray.placement_timeout_s`` is removed and
-    the run stops with what it asked for and what the cluster had."""
+    the run stops with what is missing (``unplaced_message``)."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
     bundles = placement_bundles(cfg)
@@ -208,14 +242,28 @@ def reserve(cfg: Config) -> tuple[Any, dict[str, int]]:
     ready, _ = ray.wait([group.ready()], timeout=cfg.ray.placement_timeout_s)
     if not ready:
         remove_placement_group(group)
-        asked = "; ".join(f"{r}: {amount:g} ({keys})" for r, (amount, keys) in resource_asks(cfg).items() if amount)
-        have = ", ".join(f"{r} {ray.cluster_resources().get(r, 0.0):g}" for r in ("CPU", "GPU"))
-        raise ResourceError(
-            f"the Ray cluster could not place this run's actors within {cfg.ray.placement_timeout_s:g} s "
-            f"(ray.placement_timeout_s): they ask {asked}, in bundles of {max(bundles.values(), key=len)} per actor; "
-            f"the cluster has {have}. Lower the asks, or add nodes that fit a bundle"
-        )
+        raise ResourceError(unplaced_message(cfg, bundles, ray.cluster_resources(), ray.available_resources(),
+                                             driver_gpus))
     return group, {name: index for index, name in enumerate(bundles)}
+
+
+def unplaced_message(cfg: Config, bundles: dict[str, dict[str, float]], total: dict[str, float],
+                     free: dict[str, float], driver_gpus: float = 0.0) -> str:
+    """One line on a placement group that did not place: what is missing (the actors' asks beyond
+    what is free), what they ask and why, and what the cluster has in all and free."""
+    asks = resource_asks(cfg, driver_gpus)
+    actors = resource_asks(cfg)  # the driver's GPU is held already: not free, not in the group
+    missing = [f"{r} {amount - free.get(r, 0.0):g}" for r, (amount, _) in actors.items()
+               if amount > free.get(r, 0.0) + 1e-9]
+    largest = max(bundles.values(), key=lambda b: (b.get("GPU", 0.0), b.get("CPU", 0.0)))
+    lack = ("missing " + ", ".join(missing) if missing else
+            f"enough is free in all, but not on nodes that fit each bundle (the largest: {largest})")
+    asked = "; ".join(f"{r}: {amount:g} ({keys})" for r, (amount, keys) in asks.items() if amount)
+    have = ", ".join(f"{r} {total.get(r, 0.0):g}" for r in ("CPU", "GPU"))
+    now = ", ".join(f"{r} {free.get(r, 0.0):g}" for r in ("CPU", "GPU"))
+    return (f"the Ray cluster could not place this run's actors within {cfg.ray.placement_timeout_s:g} s "
+            f"(ray.placement_timeout_s): {lack}. They ask {asked}, in bundles of up to {largest} per actor; "
+            f"the cluster has {have} (free: {now}). Lower the asks, or add nodes that fit a bundle")
 
 
 def actor_config(cfg: Config, num_gpus: float) -> Config:
@@ -236,11 +284,13 @@ class RaySystemLaunch:
 
     def __init__(self, cfg: Config, data_shape: tuple[int, ...], *, fixed_size: bool = False):
         """``fixed_size``: Ray was started by this command, so no node will join (``check_resources``)."""
-        warning = check_resources(cfg, ray.cluster_resources(), fixed=fixed_size)
-        if warning:
+        driver_gpus = driver_num_gpus(cfg, os.environ)
+        warnings = [check_resources(cfg, ray.cluster_resources(), fixed=fixed_size, driver_gpus=driver_gpus),
+                    unreserved_driver_gpu(os.environ) if driver_gpus else None]
+        for warning in filter(None, warnings):
             print(warning, file=sys.stderr, flush=True)
         self.cfg = cfg
-        self.group, bundle_of = reserve(cfg)
+        self.group, bundle_of = reserve(cfg, driver_gpus)
 
         def placed(name: str) -> dict[str, Any]:
             """Where the actor ``name`` goes: its bundle of the placement group, if it reserves any."""

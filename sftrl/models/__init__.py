@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from sftrl.models.diffusers_unet import (
+    DiffusersFormatError,
+    load_diffusers_unet,
+    save_diffusers_unet,
+)
 from sftrl.models.image import ImageBaseline, ImageCritic
 from sftrl.models.toy import ToyBaseline, ToyCritic, ToySampler
 from sftrl.models.unet import CheckpointMismatchError, UNet, load_ddim_checkpoint
@@ -59,6 +64,7 @@ def build_networks(cfg, data_shape: tuple[int, ...]) -> tuple[nn.Module, nn.Modu
 __all__ = [
     "SAMPLERS",
     "CheckpointMismatchError",
+    "DiffusersFormatError",
     "ImageBaseline",
     "ImageCritic",
     "ToyBaseline",
@@ -68,4 +74,6 @@ __all__ = [
     "build_networks",
     "build_unet",
     "load_ddim_checkpoint",
+    "load_diffusers_unet",
+    "save_diffusers_unet",
 ]
