@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--full-samples", type=int, default=None,
                         help="samples for the 1000-step row (default: trainer.eval_samples; each costs 1000 U-Net calls)")
     parser.add_argument("--with-t10", action="store_true", help="also pretrain and score a DDPM trained with T = 10")
+    parser.add_argument("--what-changed", default="", help="a sentence for the table: what changed since the "
+                        "previous results at --out (their FIDs are the \"FID before\" column)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for configs/digits.yaml (e.g. algo.policy_lr=3e-5)")
     args = parser.parse_args()
     start = time.monotonic()
@@ -144,6 +146,8 @@ def main() -> None:
     result = {
         "config": str(CONFIG.relative_to(REPO)),
         "overrides": args.overrides,
+        "what_changed": args.what_changed,
+        "image_init": cfg.model.image_init,
         "extractor": extractor.name,
         "extractor_heldout_accuracy": extractor.heldout_accuracy,
         "data_floor_half_vs_half": floor,
@@ -176,11 +180,10 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
         *(fmt(row, before) for row in rows),
         "",
-        f"What changed since the results in the \"FID before\" column: the image critic and baseline start from "
-        f"the authors' init (`model.image_init: {cfg.model.image_init}`; before, PyTorch's defaults), and "
-        f"FastDPM's timestep search stops at 1e-8 (before 1e-4: tau up to 0.03 lower). Real digits are "
-        f"{'flipped' if flips(cfg) else 'not flipped'} (`data.flip` is on by default for CIFAR-10 and CelebA only). "
-        f"The strided and 1000-step rows use neither: a difference there is run-to-run noise.",
+        "\"FID before\": the previous results at this path. "
+        + (f"What changed since: {args.what_changed} " if args.what_changed else "")
+        + f"This run: critic and baseline init `model.image_init: {cfg.model.image_init}`; real digits "
+        f"{'flipped' if flips(cfg) else 'not flipped'} (`data.flip` is on by default for CIFAR-10 and CelebA only).",
         "",
         "Samples (the first 64 of each row's draw, same seed): "
         + ", ".join(f"{method}: `{name}`" for method, name in grid_names.items()) + ".",
