@@ -17,7 +17,12 @@ would add its own slope. The slope times 162,770 (the official train split) is t
 real CelebA; the issue's bar is 2.1 GB (the data are 2.0 GB as uint8 at 64x64; as float32 in the
 driver and the critic, as before, they were 16 GB).
 
-Each size runs twice on the same files: the second run must find the cache (no decode).
+Each size runs twice on the same files. The first run decodes the JPEGs into the cache and
+pretrains; its peak is the pretraining's activations (the same at both sizes, but large and
+noisy), so its slope is reported, not used. The second run finds both caches and is the headline:
+it still reads every image (the driver hashes the whole set for the pretrained sampler's cache
+key, so every page of the mapping is resident in the driver), and the critic samples from the
+same mapping, which is the one copy a node holds.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ CELEBA_TRAIN = 162_770
 BAR_BYTES = 2.1e9
 TINY = [
     "data.image_size=64",
-    "model.unet_ch=16",
+    "model.unet_ch=32",
     "model.unet_ch_mult=[1,2]",
     "model.unet_num_res_blocks=1",
     "model.unet_attn_resolutions=[]",
@@ -49,7 +54,7 @@ TINY = [
     "model.baseline_hidden=[32,32]",
     "model.checkpoint=null",
     "pretrain.epochs=1",
-    "pretrain.batch_size=256",
+    "pretrain.batch_size=32",
     "algo.n_critic=2",
     "algo.n_generator=2",
     "algo.batch_size=32",
@@ -157,11 +162,17 @@ class Watcher(threading.Thread):
             self.stop.wait(0.2)
 
 
+def _decode_caches(work: Path) -> dict[str, tuple[int, int]]:
+    """The decode caches under ``work/cache/data``: name -> (inode, mtime_ns)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (work / "cache" / "data").glob("*.u8.npy")}
+
+
 def run_once(folder: Path, work: Path, tag: str) -> dict:
     run_dir = work / f"run-{tag}"
     cmd = [sys.executable, "-m", "sftrl.run", "configs/celeba.yaml", *TINY, f"data.path={folder}",
-           f"pretrain.cache_dir={work / 'cache' / 'pretrained'}", "--run-dir", str(run_dir), "--no-progress"]
+           f"pretrain.cache_dir={work / 'cache' / 'pretrained'}", "--run-dir", str(run_dir)]  # progress: plain lines
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    caches_before = _decode_caches(work)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     watcher = Watcher(proc.pid)
@@ -172,9 +183,12 @@ def run_once(folder: Path, work: Path, tag: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"run {tag} failed ({proc.returncode}):\n{stderr[-3000:]}")
     decode_lines = [line for line in stderr.splitlines() if "decode celeba" in line]
+    caches_after = _decode_caches(work)
     return {
         "seconds": round(time.monotonic() - start, 1),
-        "decoded": bool(decode_lines),
+        # the decode cache was written by this run: a new or rewritten .u8.npy (name -> (inode, mtime))
+        "decoded": any(caches_before.get(name) != stamp for name, stamp in caches_after.items()),
+        "pretrained": any("[pretrain]" in line for line in stderr.splitlines()),
         "decode_progress_lines": decode_lines[:2] + decode_lines[-1:] if decode_lines else [],
         "samples": watcher.samples,
         "peak": watcher.peak,
@@ -207,11 +221,12 @@ def main() -> None:
         key: (results[large][run]["peak"]["pss_bytes"] - results[small][run]["peak"]["pss_bytes"]) / (large - small)
         for key, run in (("first", "first"), ("second", "second"))
     }
-    per_image = max(slope.values())
+    per_image = slope["second"]
     uint8_image = 3 * 64 * 64
     summary = {
         "bytes_per_image_uint8": uint8_image,
         "bytes_per_image_measured": {k: round(v) for k, v in slope.items()},
+        "headline": "second: the warm run (caches found), which reads every image once more",
         "copies_per_node": round(per_image / uint8_image, 2),
         "celeba_train_bytes_extrapolated": round(per_image * CELEBA_TRAIN),
         "bar_bytes": BAR_BYTES,

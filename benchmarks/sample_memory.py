@@ -2,8 +2,9 @@
 
     python benchmarks/sample_memory.py [--out benchmarks/results/sample-memory.json] [-n 50000]
 
-Makes a tiny CIFAR-10 run (generated batches, a small U-Net, one iteration: the sampler's size does
-not matter here), then runs ``sftrl sample`` on it for real, as separate processes:
+Makes a tiny CIFAR-10 run (generated batches, a small U-Net, one iteration, 2 sampling steps: the
+sampler's size and step count set the time, not the memory held across batches), then runs
+``sftrl sample`` on it for real, as separate processes:
 
 - ``-n 1000`` and ``-n N`` (default 50,000) with ``--batch-size 500``, for ``--format png`` and
   ``--format npz``;
@@ -33,7 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 FLOAT_IMAGE = 3 * 32 * 32 * 4
 TINY = [
-    "model.unet_ch=16",
+    "model.unet_ch=32",
     "model.unet_ch_mult=[1,2]",
     "model.unet_num_res_blocks=1",
     "model.unet_attn_resolutions=[]",
@@ -46,6 +47,7 @@ TINY = [
     "trainer.eval_every=0",
     "trainer.eval_samples=8",
     "trainer.checkpoint_every=0",
+    "diffusion.steps=2",
     "ray.backend=local",
     "rollout.num_gpus_per_worker=0",
     "ray.learner_num_gpus=0",
@@ -70,7 +72,7 @@ def make_run(work: Path) -> Path:
     from sftrl.models.unet import UNet
 
     torch.manual_seed(0)
-    unet = UNet(out_ch=3, in_channels=3, resolution=32, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+    unet = UNet(out_ch=3, in_channels=3, resolution=32, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                 attn_resolutions=(), dropout=0.0)
     torch.save(unet.state_dict(), work / "ddpm.pt")
     run_dir = work / "run"
