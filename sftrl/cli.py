@@ -94,8 +94,10 @@ def _load_run(run_dir: str, checkpoint: str | None):
     import torch
 
     from sftrl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+    from sftrl.components import adapt_sampler
     from sftrl.config import load
     from sftrl.learner import sampler_state_dict
+    from sftrl.lora import merge_into
     from sftrl.models import build_networks
     from sftrl.rundir import check_checkpoint_belongs
 
@@ -112,22 +114,32 @@ def _load_run(run_dir: str, checkpoint: str | None):
     policy = sampler_state_dict(state["learner"])
     data_shape = _data_shape(cfg, policy)
     sampler, _, _ = build_networks(cfg, data_shape)
+    # A LoRA run's checkpoint holds the adapted network: load it so, then merge it into the plain one.
+    adapted = adapt_sampler(cfg, build_networks(cfg, data_shape)[0]) if cfg.model.lora_rank else sampler
     try:
-        sampler.load_state_dict(policy)
+        adapted.load_state_dict(policy)
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint '{path}' does not fit the sampler of run '{run}' "
                               f"({str(err).splitlines()[0]})") from None
+    if adapted is not sampler:
+        merge_into(adapted, sampler)
     torch.set_num_threads(cfg.torch_threads)
     return cfg, sampler, data_shape, path
 
 
 def _data_shape(cfg, policy_state) -> tuple[int, ...]:
     """The shape of one sample, from the weights and the config: the data set is never read."""
+    from sftrl.lora import BASE_LAYER
+
+    def weight(layer: str):  # a plain layer's, or a LoRA-adapted one's frozen weight
+        key = f"{layer}.weight"
+        return policy_state[key] if key in policy_state else policy_state[f"{layer}.{BASE_LAYER}.weight"]
+
     if cfg.model.sampler == "toy-mlp":
-        return (int(policy_state["out.weight"].shape[0]),)
+        return (int(weight("out").shape[0]),)
     from sftrl.data import image_shape
 
-    return image_shape(cfg, int(policy_state["conv_in.weight"].shape[1]))
+    return image_shape(cfg, int(weight("conv_in").shape[1]))
 
 
 def _device(text: str) -> str:

@@ -44,9 +44,12 @@ class Client:
 class WorkerClient(Client):
     """A rollout worker (``RolloutWorker``)."""
 
-    def collect(self, policy: Future, critic: Future, block_ids: Sequence[str], chains_per_block: int) -> list[Future]:
-        """The blocks, one future each, then the call's summary (Weights futures in)."""
-        return self.handle.call(RolloutWorker.collect, policy, critic, list(block_ids), chains_per_block,
+    def collect(self, policy: Future, critic: Future, block_ids: Sequence[str], chains_per_block: int,
+                base: Future | None = None) -> list[Future]:
+        """The blocks, one future each, then the call's summary (Weights futures in; ``base``: the
+        frozen base the policy's publications leave out, LoRA's: one object, read once per worker)."""
+        extra = () if base is None else (base,)
+        return self.handle.call(RolloutWorker.collect, policy, critic, list(block_ids), chains_per_block, *extra,
                                 num_returns=len(block_ids) + 1)
 
     def probe(self) -> Future:
@@ -114,6 +117,9 @@ class LearnerClient(Client):
 
     def get_weights(self) -> Future:
         return self.handle.call(Learner.get_weights)
+
+    def get_base_weights(self) -> Future:
+        return self.handle.call(Learner.get_base_weights)
 
     def get_sampler_weights(self) -> Future:
         return self.handle.call(Learner.get_sampler_weights)

@@ -26,7 +26,9 @@ class InitState:
     """What every component starts from: the pretrained sampler and the data's shape.
 
     Rollout workers and the critic get ``sampler_state=None``: they start before pretraining
-    ends, and every ``collect`` call brings the current weights.
+    ends, and every ``collect`` call brings the current weights (with LoRA, the adapters and,
+    once per worker, the frozen base: ``RolloutPool.base``). The state is the plain network's:
+    adapters are applied after it is loaded (``adapt_sampler``).
     """
 
     sampler_state: NumpyState | None
@@ -51,12 +53,27 @@ def _networks(cfg: Config, init: InitState):
     return sampler, critic, baseline
 
 
+def adapt_sampler(cfg: Config, sampler: torch.nn.Module) -> torch.nn.Module:
+    """``sampler`` with LoRA adapters where ``model.lora_rank`` asks for them (in place; see
+    ``sftrl.lora``): its pretrained weights frozen, the adapters and the learned step stds (if any)
+    trainable. Applied after the pretrained state is loaded: ``InitState`` holds the plain network's."""
+    m = cfg.model
+    if not m.lora_rank:
+        return sampler
+    from sftrl.diffusion.variance import LOG_STD_KEY
+    from sftrl.lora import apply_adapters
+
+    keep = [LOG_STD_KEY] if hasattr(sampler, LOG_STD_KEY) else []
+    alpha = m.lora_alpha if m.lora_alpha is not None else float(m.lora_rank)
+    return apply_adapters(sampler, m.lora_rank, alpha, keep_trainable=keep)
+
+
 def fresh_sampler(cfg: Config, data_shape: tuple[int, ...]) -> torch.nn.Module:
     """The sampler network initialised from ``pretrain.seed`` (the global RNG is left alone), so
     a pretrained sampler is a function of its cache key."""
     with torch.random.fork_rng():
         torch.manual_seed(cfg.pretrain.seed)
-        sampler, _, _ = build_networks(cfg, tuple(data_shape))
+        sampler, _, _ = build_networks(cfg, tuple(data_shape), learned_variance=False)  # pretrained: eps only
     return sampler
 
 
@@ -71,7 +88,7 @@ def make_rollout_worker(cfg: Config, init: InitState, index: int) -> RolloutWork
     sampler, critic, _ = _networks(cfg, init)
     plan = RunPlan.of(cfg)
     worker = RolloutWorker(
-        sampler,
+        adapt_sampler(cfg, sampler),
         critic,
         plan.schedule,
         init.data_shape,
@@ -92,7 +109,7 @@ def make_learner(cfg: Config, init: InitState) -> Learner:
     sampler, critic, baseline = _networks(cfg, init)
     a, plan = cfg.algo, RunPlan.of(cfg)
     learner = Learner(
-        sampler,
+        adapt_sampler(cfg, sampler),
         critic,
         baseline,
         plan.schedule,

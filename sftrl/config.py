@@ -109,6 +109,18 @@ class ModelConfig:
         "Xavier-normal linear weights, biases as PyTorch's) or torch (PyTorch's defaults: a critic "
         "about 30x smaller at the start, which shifts the early balance of the IPM gap and lambda R_B)."
     )
+    learn_variance: bool = doc_field(
+        False, "Learn each step's std with eps_theta (the paper fixes it): a parameter per step, started at the "
+        "schedule's std (sigma, or diffusion.final_step_std where sigma is 0), trained by the policy gradient, "
+        "used by rollouts, evaluation and `sftrl sample`."
+    )
+    learn_variance_per_channel: bool = doc_field(
+        False, "Images with model.learn_variance: one std per step and channel instead of one per step."
+    )
+    variance_floor: float = doc_field(
+        1e-4, "model.learn_variance: every learned std stays above this (std = sqrt(floor^2 + exp(2 s))); each "
+        "step's starting std must be above it.", valid=Range(0.0, 1.0, low_open=True),
+    )
     unet_ch: int = doc_field(128, "U-Net base channels (the DDPM CIFAR-10/CelebA models: 128).", valid=Range(1, MAX_WIDTH))
     unet_ch_mult: tuple[int, ...] = doc_field((1, 2, 2, 2), "U-Net channel multipliers per resolution (CelebA: 1,2,2,2,4).", valid=Range(1, 64, items="1+"))
     unet_num_res_blocks: int = doc_field(2, "U-Net residual blocks per resolution.", valid=Range(1, 16))
@@ -116,6 +128,16 @@ class ModelConfig:
     unet_dropout: float = doc_field(0.1, "U-Net dropout (pretraining only; fine-tuning runs the network in eval mode).", valid=Range(0.0, 1.0, high_open=True))
     checkpoint: str | None = doc_field(
         None, "Pretrained sampler checkpoint; null: pretrain one and cache it (keyed by the pretraining config)."
+    )
+    lora_rank: int = doc_field(
+        0, "Fine-tune low-rank adapters (LoRA, via peft: pip install 'sftrl[lora]') of this rank instead of the "
+        "whole sampler: the U-Net's convolutions (attention q, k, v, proj_out included), the toy MLP's linear "
+        "layers; the pretrained weights stay frozen, and only the trainable tensors are published and optimised.",
+        valid=Range(0, 1024, note="(0: no LoRA, the whole network is fine-tuned)"),
+    )
+    lora_alpha: float | None = doc_field(
+        None, "LoRA's alpha: the adapters' update is scaled by lora_alpha / lora_rank (null: lora_rank, a scale of 1).",
+        valid=Range(0.0, 1e6, low_open=True),
     )
 
 
@@ -154,7 +176,8 @@ ALGORITHM_SETTINGS = NamedSections("algorithm", _algorithm_names, _algorithm_set
 @dataclasses.dataclass(frozen=True)
 class AlgoConfig:
     name: str = doc_field(
-        "sft-pg", "Policy-gradient algorithm: sft-pg (the paper), ppo, sft (pathwise), or the name of an installed "
+        "sft-pg", "Policy-gradient algorithm: sft-pg (the paper), sft-pg-kl (sft-pg plus beta x the KL to the pretrained "
+        "sampler, algo.sft-pg-kl.beta), ppo, sft (pathwise), or the name of an installed "
         "plug-in (entry-point group sftrl.algorithms), whose own settings are read from algo.<name>.",
     )
     critic_regulariser: Literal["B", "GP"] = doc_field(
@@ -340,6 +363,16 @@ class Config:
         sampler = "toy-mlp" if self.is_toy else "unet"
         need(self.model.sampler == sampler, "model.sampler", self.model.sampler,
              f"the {'2-D toy' if self.is_toy else 'image'} set {self.data.name!r} uses {sampler!r}")
+        m = self.model
+        need(not m.learn_variance_per_channel or (m.learn_variance and not self.is_toy), "model.learn_variance_per_channel",
+             m.learn_variance_per_channel, "a std per channel needs model.learn_variance: true and an image set"
+             if self.is_toy or not m.learn_variance else "")
+        need(m.lora_alpha is None or m.lora_rank > 0, "model.lora_alpha", m.lora_alpha,
+             "scales LoRA's adapters: set model.lora_rank > 0 too, or leave it null")
+        if m.lora_rank > 0:
+            from sftrl.lora import PEFT_INSTALL, peft_installed
+
+            need(peft_installed(), "model.lora_rank", m.lora_rank, f"LoRA needs the peft library: {PEFT_INSTALL}")
         return self
 
 

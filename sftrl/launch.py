@@ -23,12 +23,14 @@ def build_initial_sampler(cfg: Config, data: RealData, progress: bool, stop: thr
     """The pretrained sampler (from ``model.checkpoint``, the cache or a pretraining run) as the
     components' ``InitState``, and what ``load_or_pretrain`` reports of it."""
     from sftrl.components import fresh_sampler, resolve_device
+    from sftrl.models import attach_variance
     from sftrl.pretraining import load_or_pretrain
     from sftrl.weights import to_numpy_state
 
     sampler = fresh_sampler(cfg, tuple(data.shape[1:]))
     info = load_or_pretrain(cfg, sampler, data, device=resolve_device(cfg), progress=progress, stop=stop,
                             fingerprint=fingerprint)
+    attach_variance(sampler.cpu(), cfg, tuple(data.shape[1:]))  # learned stds start from the schedule's
     return InitState(to_numpy_state(sampler.cpu()), tuple(data.shape[1:])), info
 
 

@@ -14,8 +14,17 @@ from sftrl.buffer import TransitionBatch
 from sftrl.config import PerfConfig
 from sftrl.diffusion.schedules import SamplingSchedule
 from sftrl.diffusion.step import Reduction
+from sftrl.diffusion.variance import step_stds
+from sftrl.lora import is_adapted, merged_state
 from sftrl.perf import runner
-from sftrl.weights import Weights, load_numpy_state, to_numpy_state
+from sftrl.weights import (
+    Weights,
+    frozen_keys,
+    load_numpy_state,
+    numpy_state,
+    to_numpy_state,
+    trainable_keys,
+)
 
 PHASE_S = "phase_s"  # seconds of a generator phase (on its first step's metrics)
 DATA_BYTES = "data_bytes"  # bytes of the transitions the phase was handed (likewise)
@@ -23,12 +32,23 @@ DATA_BYTES = "data_bytes"  # bytes of the transitions the phase was handed (like
 
 def sampler_state_dict(learner_state: dict) -> dict:
     """The weights to sample from in a checkpoint's learner state: the EMA when the run kept one
-    (``algo.ema_decay > 0``), else the trained policy."""
+    (``algo.ema_decay > 0``), else the trained policy. With LoRA the average holds the trainable
+    tensors alone and the policy the frozen base (``Learner.state_dict``); the keys are then the
+    adapted network's (``sftrl.lora.merge_into`` makes a plain network of it)."""
     ema = learner_state.get("ema")
     if not ema:
         return learner_state["policy"]
     prefix = "module."
-    return {k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)}
+    return {**learner_state["policy"], **{k[len(prefix):]: v for k, v in ema.items() if k.startswith(prefix)}}
+
+
+def learned_std_metrics(policy: nn.Module) -> dict[str, float]:
+    """``learned_std/n{n}``: each step's learned std after the phase (the mean over channels where
+    there is one per channel); nothing for a fixed-variance sampler."""
+    stds = step_stds(policy)
+    if stds is None:
+        return {}
+    return {f"learned_std/n{n}": float(stds[n].mean()) for n in range(1, len(stds))}
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -73,7 +93,15 @@ class Learner:
         # ratio must be exactly 1 before an update); gradients flow all the same.
         self.policy = policy.to(self.device).eval()
         self.algorithm = algorithm
-        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr, foreach=True)
+        # theta is the parameters with requires_grad: all of them, or (LoRA, ``sftrl.lora``) the
+        # adapters and any tensor attached for fine-tuning, over a frozen base. Only theta is
+        # optimised and published (None: the whole state dict is, as nothing is frozen).
+        trainable = trainable_keys(self.policy)
+        self.published_keys = trainable if len(trainable) < sum(1 for _ in self.policy.parameters()) else None
+        self.adapted = is_adapted(self.policy)
+        self.base_version = 0  # bumped when a checkpoint's state (its frozen base too) is loaded
+        self.optimizer = torch.optim.Adam([p for p in self.policy.parameters() if p.requires_grad], lr=lr,
+                                          foreach=True)
         # Linear decay to 0 over ``lr_decay_phases`` generator phases (None: constant, the paper).
         self.lr_schedule = (
             torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda phase: max(0.0, 1.0 - phase / lr_decay_phases))
@@ -95,6 +123,9 @@ class Learner:
             generator=torch.Generator(device=self.device).manual_seed(seed),
             device=self.device,
             net=runner(self.policy, perf or PerfConfig(), self.device),
+            # theta_0 as the learner is built: the pretrained sampler (a resumed run loads its
+            # checkpoint after this), for a KL penalty to it
+            reference=_frozen(self.policy) if algorithm.needs_reference else None,
         )
         self.ema = (
             AveragedModel(self.policy, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
@@ -107,12 +138,22 @@ class Learner:
         self.critic_version = -1
 
     def get_weights(self) -> Weights:
-        """theta as numpy arrays, with its version: what the rollout workers run."""
-        return Weights(self.version, to_numpy_state(self.policy))
+        """theta as numpy arrays, with its version: what the rollout workers run. Over a frozen
+        base (LoRA) the trainable tensors alone; the workers hold the base (``get_base_weights``)."""
+        return Weights(self.version, to_numpy_state(self.policy, self.published_keys))
+
+    def get_base_weights(self) -> Weights | None:
+        """The frozen rest of the sampler's state (LoRA's base network), versioned by
+        ``base_version``: with ``get_weights`` the whole state. None when nothing is frozen."""
+        if self.published_keys is None:
+            return None
+        return Weights(self.base_version, to_numpy_state(self.policy, frozen_keys(self.policy)))
 
     def get_sampler_weights(self) -> Weights:
-        """The sampler to evaluate and ship: the EMA if kept, else theta."""
-        return Weights(self.version, to_numpy_state(self.ema.module if self.ema is not None else self.policy))
+        """The sampler to evaluate and ship: the EMA if kept, else theta; a plain network's state
+        (adapters merged into the weights: ``sftrl.lora.merged_state``)."""
+        module = self.ema.module if self.ema is not None else self.policy
+        return Weights(self.version, numpy_state(merged_state(module)) if self.adapted else to_numpy_state(module))
 
     def set_critic_weights(self, critic: Weights) -> None:
         if critic.version != self.critic_version:
@@ -129,6 +170,7 @@ class Learner:
         if metrics:  # the phase's time and what it was handed: the trainer's time/learner_s, bytes/policy_batch
             metrics[0] = {**metrics[0], PHASE_S: time.perf_counter() - start,
                           DATA_BYTES: float(data.nbytes) if data is not None else 0.0}
+            metrics[-1] = {**metrics[-1], **learned_std_metrics(self.policy)}
         self.version += 1
         if self.ema is not None:
             self.ema.update_parameters(self.policy)
@@ -154,24 +196,32 @@ class Learner:
         self.ctx.shard = Shard(rank, world, all_reduce=dist.all_reduce)
 
     def state_dict(self) -> dict:
+        """``policy`` is the whole sampler (with LoRA: the frozen base once, and the adapters), so a
+        checkpoint alone resumes, samples and exports. Over a frozen base the average keeps the
+        trainable tensors alone (the base's average is the base)."""
+        ema = self.ema.state_dict() if self.ema is not None else {}
+        if ema and self.published_keys is not None:
+            averaged = {f"module.{k}" for k in self.published_keys}
+            ema = {k: v for k, v in ema.items() if k in averaged or not k.startswith("module.")}
         return {
             "policy": self.policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.ctx.generator.get_state(),
             "version": self.version,
             "lr_schedule": self.lr_schedule.state_dict() if self.lr_schedule is not None else {},
-            "ema": self.ema.state_dict() if self.ema is not None else {},
+            "ema": ema,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
+        self.base_version += 1  # the checkpoint's base: workers load it again
         self.optimizer.load_state_dict(state["optimizer"])
         self.ctx.generator.set_state(state["generator"])
         self.version = state["version"]
         if self.lr_schedule is not None and state.get("lr_schedule"):
             self.lr_schedule.load_state_dict(state["lr_schedule"])
         if self.ema is not None:
-            if state.get("ema"):
-                self.ema.load_state_dict(state["ema"])
+            if state.get("ema"):  # over a frozen base: the policy's base, the averaged trainable tensors
+                self.ema.load_state_dict({**{f"module.{k}": v for k, v in state["policy"].items()}, **state["ema"]})
             else:  # a checkpoint from a run without the average: start it from theta
                 self.ema.module.load_state_dict(state["policy"])

@@ -33,6 +33,34 @@ def schedule_of(cfg: Config) -> SamplingSchedule:
                          kappa=d.kappa, variance=d.variance)
 
 
+def initial_stds(cfg: Config, schedule: SamplingSchedule):
+    """The stds a learned-variance sampler starts from, ``(S + 1,)`` (index 0 unused): the schedule's
+    sigma_n, or ``diffusion.final_step_std`` where sigma_n = 0 (``step.step_std``)."""
+    import torch
+
+    sigma = schedule.tables("cpu", torch.float64).sigma.nan_to_num(0.0)  # indexed by n
+    return torch.where(sigma > 0, sigma, torch.full_like(sigma, cfg.diffusion.final_step_std))
+
+
+def check_learned_variance(cfg: Config, schedule: SamplingSchedule) -> None:
+    """``model.learn_variance``: every step must start above ``model.variance_floor`` (ConfigError)."""
+    import torch
+
+    stds = initial_stds(cfg, schedule)
+    floor = cfg.model.variance_floor
+    low = [n for n in range(1, len(stds)) if not float(stds[n]) > floor]
+    if not low:
+        return
+    n = low[0]
+    if not float(schedule.tables("cpu", torch.float64).sigma[n]) > 0:
+        raise ConfigError(
+            f"'diffusion.final_step_std' = {cfg.diffusion.final_step_std!r} is invalid with model.learn_variance: "
+            f"step n = {n} has sigma = 0 and starts at this std, which must be above model.variance_floor = "
+            f"{floor:g} (the paper's image code: 0.001)", key="diffusion.final_step_std")
+    raise ConfigError(f"'model.variance_floor' = {floor!r} is invalid: step n = {n} starts at std "
+                      f"{float(stds[n]):.3g}; the floor must be below every starting std", key="model.variance_floor")
+
+
 @dataclasses.dataclass(frozen=True)
 class Seeds:
     """Every seed of a run, derived from the config's ``seed`` here and nowhere else.
@@ -110,6 +138,8 @@ class RunPlan:
                 f"'diffusion.schedule' = {d.schedule!r} is invalid: it has sigma = 0 at every step{kappa}, so "
                 f"{a.name!r} has no stochastic transition to learn from: set diffusion.final_step_std > 0 (the "
                 "paper's image code: 0.001) or use a stochastic schedule", key="diffusion.schedule")
+        if cfg.model.learn_variance:
+            check_learned_variance(cfg, schedule)
         return cls(schedule=schedule, trainable_steps=steps, n_critic=a.n_critic, n_generator=a.n_generator,
                    batch_size=a.batch_size, data_need=data_need, num_workers=cfg.rollout.num_workers,
                    seeds=Seeds(cfg.seed))

@@ -65,12 +65,26 @@ class RolloutWorker:
         self.seed = seed
         self.policy_version = -1
         self.critic_version = -1
+        self.base_version = -1  # the frozen base's version (LoRA: ``set_base_weights``); -1: none given
+        self._policy_keys = set(self.policy.state_dict())
         self._block_counter = itertools.count()
 
+    def set_base_weights(self, state: NumpyState, version: int) -> None:
+        """Load the frozen part of the sampler (LoRA's base network) of ``version``, once: the
+        publications then carry the trainable tensors alone."""
+        if version != self.base_version:
+            load_numpy_state(self.policy, state, partial=True)
+            self.base_version = version
+
     def set_policy_weights(self, state: NumpyState, version: int) -> None:
-        """Load the sampler weights of ``version`` (a no-op when already at that version)."""
+        """Load the sampler weights of ``version`` (a no-op when already at that version): the
+        whole state, or the trainable tensors over the base given before."""
         if version != self.policy_version:
-            load_numpy_state(self.policy, state)
+            partial = set(state) != self._policy_keys
+            if partial and self.base_version < 0:
+                raise RuntimeError(f"{self.worker_id}: weights version {version} hold {len(state)} of the sampler's "
+                                   f"{len(self._policy_keys)} tensors, and no frozen base was given (collect's base)")
+            load_numpy_state(self.policy, state, partial=partial)
             self.policy_version = version
 
     def set_critic_weights(self, state: NumpyState, version: int) -> None:
@@ -81,8 +95,11 @@ class RolloutWorker:
     def _reward(self, x_0: torch.Tensor) -> torch.Tensor:
         return self.critic(x_0)
 
-    def collect(self, policy: Weights, critic: Weights, block_ids: list[str], chains_per_block: int) -> tuple:
+    def collect(self, policy: Weights, critic: Weights, block_ids: list[str], chains_per_block: int,
+                base: Weights | None = None) -> tuple:
         """Pull the given weights versions, roll out, and return ``(*blocks, summary)``.
+        ``base``: the frozen base the policy's publications leave out (LoRA), loaded the first time
+        its version is seen (a restarted worker gets it with its next call).
 
         One return value per block (with Ray's ``num_returns = len(block_ids) + 1`` each block is
         its own object-store entry) and a small summary last, which the driver fetches to learn
@@ -90,6 +107,8 @@ class RolloutWorker:
         took (the driver's watch on hung workers) and how many chains ended non-finite.
         """
         start = time.perf_counter()
+        if base is not None:
+            self.set_base_weights(base.state, base.version)
         self.set_policy_weights(policy.state, policy.version)
         self.set_critic_weights(critic.state["critic"], critic.version)
         blocks = self.rollout(len(block_ids), chains_per_block, block_ids)
@@ -149,7 +168,7 @@ class RolloutWorker:
             obs, rewards, terminated, _, _ = env.step(out.x_prev)
             xs.append(obs["x"])
             log_probs.append(out.log_prob)
-            stds.append(out.std[0])
+            stds.append(out.std[0].amin())  # per channel: 0 only where the step is deterministic
         xs_np = torch.stack(xs).cpu().numpy()  # (S + 1, N, *D)
         log_probs_np = torch.stack(log_probs).cpu().numpy()  # (S, N)
         stds_np = torch.stack(stds).cpu().numpy()

@@ -76,6 +76,9 @@ class RolloutPool:
         self.deaths_seen: dict[str, int] = {}  # per worker: the calls made when its last death was seen
         self.dead: dict[str, Future] = {}  # workers seen dead, by name: a probe that resolves once one is back
         self.call_seconds: collections.deque[float] = collections.deque(maxlen=RECENT_CALLS)
+        # The sampler's frozen base (LoRA: ``Learner.get_base_weights``), passed with every call:
+        # one object, which a worker loads once (and a restarted one again); None: no base.
+        self.base: Future | None = None
 
     def request(self, ids: list[str], policy_weights: Future, critic_weights: Future, version: int) -> Rollouts:
         """Ask the usable workers for the blocks ``ids`` (not waited for), run with theta's
@@ -99,7 +102,8 @@ class RolloutPool:
         for i, worker in enumerate(workers):
             worker_ids = ids[i :: len(workers)]
             if worker_ids:
-                out = worker.collect(rollouts.policy_weights, rollouts.critic_weights, worker_ids, self.chains_per_block)
+                out = worker.collect(rollouts.policy_weights, rollouts.critic_weights, worker_ids, self.chains_per_block,
+                                     self.base)
                 self.calls_made[worker.name] = seq = self.calls_made.get(worker.name, 0) + 1
                 rollouts.calls.append(RolloutCall(worker, worker_ids, out, seq))
 

@@ -135,9 +135,11 @@ class Trainer:
 
     def publish_weights(self) -> Future:
         """theta as one object per version: what the learner's last update returned (before the
-        first update and after a restore, asked for)."""
+        first update and after a restore, asked for, with LoRA's frozen base for the workers)."""
         if self._policy_weights is None:
             self._policy_weights = self.system.learner.get_weights()
+            if self.cfg.model.lora_rank:  # publications hold the adapters: the workers' base comes once
+                self.pool.base = self.system.learner.get_base_weights()
         return self._policy_weights
 
     def collect_rollouts(self, policy_weights: Future, critic_weights: Future, iteration: int, *,

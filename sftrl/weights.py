@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -15,7 +16,8 @@ NumpyState = dict[str, np.ndarray]
 class Weights(NamedTuple):
     """One published version of a component's weights, as it travels between components.
 
-    ``state``: the learner's is the sampler's numpy state dict; the critic's is
+    ``state``: the learner's is the sampler's numpy state dict (with LoRA, the trainable tensors
+    alone: ``Learner.get_weights``); the critic's is
     ``{"critic": ..., "baseline": ...}``, one numpy state dict each.
     """
 
@@ -23,14 +25,40 @@ class Weights(NamedTuple):
     state: Any
 
 
-def to_numpy_state(module: nn.Module) -> NumpyState:
-    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+def numpy_state(state: dict[str, torch.Tensor]) -> NumpyState:
+    """A state dict's tensors as numpy arrays (copies, on the host)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
 
 
-def load_numpy_state(module: nn.Module, state: NumpyState) -> None:
-    """Load a numpy state dict strictly (every key, every shape)."""
+def to_numpy_state(module: nn.Module, keys: Collection[str] | None = None) -> NumpyState:
+    """``module``'s state dict as numpy arrays; only the entries ``keys`` where given."""
+    state = module.state_dict()
+    return numpy_state(state if keys is None else {k: state[k] for k in keys})
+
+
+def trainable_keys(module: nn.Module) -> list[str]:
+    """The state-dict keys of ``module``'s parameters with ``requires_grad`` (what the optimiser moves)."""
+    return [name for name, p in module.named_parameters() if p.requires_grad]
+
+
+def frozen_keys(module: nn.Module) -> list[str]:
+    """Every other state-dict key: frozen parameters and buffers."""
+    trainable = set(trainable_keys(module))
+    return [k for k in module.state_dict() if k not in trainable]
+
+
+def load_numpy_state(module: nn.Module, state: NumpyState, *, partial: bool = False) -> None:
+    """Load a numpy state dict strictly (every key, every shape); with ``partial``, a part of
+    one: every key must be ``module``'s and every shape fit, the other entries are left alone."""
     # Arrays from Ray's object store are read-only views: copy before handing them to torch.
-    module.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}, strict=True)
+    tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}
+    if not partial:
+        module.load_state_dict(tensors, strict=True)
+        return
+    unknown = sorted(set(tensors) - set(module.state_dict()))
+    if unknown:
+        raise RuntimeError(f"{len(unknown)} weights are not the module's: {', '.join(unknown[:5])}")
+    module.load_state_dict(tensors, strict=False)  # shapes are still checked
 
 
 def tensor_view(array: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:

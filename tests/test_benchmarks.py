@@ -26,3 +26,54 @@ def test_the_throughput_benchmark_runs_every_part_tiny_on_the_cpu(tmp_path):
     assert set(parts["scaling"]["workers"]) == {"1", "2"}
     assert parts["scaling"]["workers"]["1"]["rollout_speedup"] == 1.0
     assert "| U-Net NFE/s |" in report["markdown"] and "| rollout workers |" in report["markdown"]
+
+
+def test_the_sample_memory_trend_sees_a_held_growth_and_not_the_per_batch_swings():
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from sample_memory import FLOAT_IMAGE, summarise, trend
+
+    rng = np.random.default_rng(0)
+    t = np.arange(0.0, 1000.0, 0.5)
+    swings = rng.uniform(0, 600e6, len(t))  # a batch's working memory, coming and going
+    flat = trend(list(zip(t, (800e6 + swings).astype(int))))
+    growing = trend(list(zip(t, (800e6 + swings + 614e6 * t / t[-1]).astype(int))))
+    assert abs(flat["trend_bytes"]) < 3 * flat["trend_stderr_bytes"] + 1  # nothing held
+    assert 0.8 * 0.9 * 614e6 < growing["trend_bytes"] < 1.2 * 0.9 * 614e6  # 90% of the run fitted
+    rows = [{"n": n, "format": fmt, "batch_size": 500, "peak_rss_bytes": peak, "trend_bytes": held}
+            for n, peak, held in ((1000, 1_400_000_000, 0), (50_000, 1_600_000_000, 5_000_000)) for fmt in ("png", "npz")]
+    rows.append({"n": 10_000, "format": "npz", "batch_size": 2000, "peak_rss_bytes": 3_900_000_000, "trend_bytes": 0})
+    summary = summarise(rows, 50_000)
+    assert summary["holds_one_batch"] and summary["peak_growth_npz_bytes"] == 200_000_000
+    assert summary["float_samples_bytes_if_held"] == 50_000 * FLOAT_IMAGE
+    rows[3]["trend_bytes"] = 500_000_000  # the npz run kept its samples
+    assert not summarise(rows, 50_000)["holds_one_batch"]
+
+
+def test_the_digits_variants_summary_reads_fid_curves_and_their_drift(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from digits_variants import VARIANTS, fid_curve, markdown, run_summary, variant_summary
+
+    from sftrl.config import load
+
+    for overrides in VARIANTS.values():  # every variant is a valid config
+        load(REPO / "configs" / "digits.yaml", overrides)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(row) for row in (
+        {"iteration": 0, "eval/fid": 18.0}, {"iteration": 10, "policy/policy_loss": 0.1},
+        {"iteration": 50, "eval/fid": 7.0}, {"iteration": 100, "eval/fid": 6.0}, {"iteration": 150, "eval/fid": 7.8})) + "\n")
+    run = run_summary(fid_curve(metrics))
+    assert run["curve"] == [(0, 18.0), (50, 7.0), (100, 6.0), (150, 7.8)]
+    assert (run["best_fid"], run["best_iteration"], run["last_fid"]) == (6.0, 100, 7.8)
+    assert abs(run["drift"] - 0.3) < 1e-12
+    summary = variant_summary([run, {**run, "best_fid": 8.0, "last_fid": 8.0, "drift": 0.0}])
+    assert summary["best_fid"]["mean"] == 7.0 and summary["drift"]["values"] == [run["drift"], 0.0]
+    table = markdown({"sft-pg": {"overrides": [], "runs": [run, run], "summary": summary},
+                      "lora-r4": {"overrides": ["model.lora_rank=4"], "runs": [], "error": "peft missing"}})
+    assert "| sft-pg | `(digits.yaml)` | 2 | 0: 18.00, 50: 7.00, 100: 6.00, 150: 7.80 | 7.00 ± 1.41 |" in table
+    assert "failed: peft missing" in table

@@ -45,7 +45,7 @@ class Good(PolicyAlgorithm):
 
 def test_listing_reads_entry_points_without_importing_the_plugins(site):
     fake_distribution(site, "lazy-dist", {"lazy": "lazy_plugin:Good"}, {"lazy_plugin": GOOD})
-    assert algorithm_names() == ["ppo", "sft", "sft-pg", "lazy"]
+    assert algorithm_names() == ["ppo", "sft", "sft-pg", "sft-pg-kl", "lazy"]
     assert "lazy_plugin" not in sys.modules
     assert "lazy" not in ALGORITHMS
     cls = algorithm_class("lazy")
@@ -67,7 +67,7 @@ def test_an_unknown_name_lists_the_built_ins_and_the_installed_plugins(site):
         load(SMOKE, ["algo.name=reinforce"])
     assert str(err.value) == (
         "override 'algo.name=reinforce': 'algo.name' = 'reinforce' is invalid: unknown algorithm 'reinforce'; "
-        "valid: ppo, sft, sft-pg, lazy (plug-ins add names: entry-point group 'sftrl.algorithms')"
+        "valid: ppo, sft, sft-pg, sft-pg-kl, lazy (plug-ins add names: entry-point group 'sftrl.algorithms')"
     )
 
 
@@ -154,7 +154,7 @@ BAD_SETTINGS = [
                                  "temperature, max_weight; did you mean 'temperature'?"),
     (f"algo.{AWR}=3", f"'algo.{AWR}' must be a mapping (a section with keys temperature, max_weight), got 3 (int)"),
     ("algo.sft-awk.temperature=1", "unknown key 'algo.sft-awk' — valid keys under 'algo': name, "),
-    ("algo.sft-awk.temperature=1", "; or a section named after an algorithm: ppo, sft, sft-pg, sft-awr; "
+    ("algo.sft-awk.temperature=1", "; or a section named after an algorithm: ppo, sft, sft-pg, sft-pg-kl, sft-awr; "
                                    "did you mean 'sft-awr'?"),
     ("algo.sft-pg.temperature=1", "'algo.sft-pg' is invalid: algorithm 'sft-pg' takes no settings section"),
 ]

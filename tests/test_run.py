@@ -105,7 +105,7 @@ def test_sample_command_writes_npz(smoke_run, tmp_path):
         ("algo.n_critic=0", "'algo.n_critic' = 0 is invalid"),
         ("algo.policy_lr=-1", "'algo.policy_lr'"),
         ("diffusion.steps=50", "'diffusion.steps'"),
-        ("algo.name=reinforce", "valid: ppo, sft, sft-pg"),
+        ("algo.name=reinforce", "valid: ppo, sft, sft-pg, sft-pg-kl"),
         ("trainer.iterations=-3", "override 'trainer.iterations=-3': 'trainer.iterations' = -3 is invalid"),
         ("rollout.max_lag=10", "with trainer.checkpoint_every = 10 the lag never reaches it"),
         ("ray.num_cpus=-2", "'ray.num_cpus' = -2 is invalid"),

@@ -44,7 +44,7 @@ class AWR(PolicyAlgorithm):
     def update(self, ctx: PolicyContext, data: TransitionBatch | None) -> list[dict[str, float]]:
         assert data is not None, "sft-awr learns from buffer samples (data = 'samples')"
         batch = data.to_torch(ctx.device)
-        params = list(ctx.policy.parameters())
+        params = [p for p in ctx.policy.parameters() if p.requires_grad]  # theta (LoRA: the adapters)
         out = []
         for j in range(ctx.n_generator):
             rows, reduce = ctx.shard.split(slice(j * ctx.batch_size, (j + 1) * ctx.batch_size), len(batch))

@@ -16,7 +16,7 @@ from sftrl.algos.base import (
 )
 
 # One line per algorithm module: importing it registers the algorithm.
-_PLUGIN_MODULES = ("sftrl.algos.sft_pg", "sftrl.algos.ppo", "sftrl.algos.sft")
+_PLUGIN_MODULES = ("sftrl.algos.sft_pg", "sftrl.algos.sft_pg_kl", "sftrl.algos.ppo", "sftrl.algos.sft")
 for _module in _PLUGIN_MODULES:
     importlib.import_module(_module)
 

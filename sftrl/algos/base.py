@@ -13,7 +13,12 @@ is asked for. A plug-in cannot take a built-in's name (the built-in is found fir
 An algorithm may declare ``settings_class``, a frozen dataclass of ``doc_field`` settings: its
 values are read from the config section ``algo.<name>`` (the name verbatim: ``algo.my-pg.temperature``)
 with the checks of every other section, and it is the ``settings`` the algorithm is built with.
-One that declares none (the built-ins) is built with the whole ``algo`` section.
+One that declares none (the built-ins) is built with the whole ``algo`` section. Every algorithm
+also sees the whole ``algo`` section as ``self.algo`` (the shared settings: ``batch_size``,
+``max_importance_weight`` ...).
+
+An algorithm that sets ``needs_reference = True`` gets ``PolicyContext.reference``: a frozen copy
+of the sampler fine-tuning started from (the pretrained one, theta_0), e.g. for a KL penalty to it.
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ class PolicyContext:
     version: int = 0  # theta's version as the generator phase starts (transitions carry theirs)
     net: nn.Module | None = None  # how to call the policy (``sftrl.perf.runner``); None: the policy itself
     shard: Shard = dataclasses.field(default_factory=Shard)  # this learner's rows (several learners)
+    reference: nn.Module | None = None  # frozen theta_0, for algorithms that set ``needs_reference``
 
     @property
     def forward(self) -> nn.Module:
@@ -118,9 +124,12 @@ class PolicyAlgorithm(abc.ABC):
     data: ClassVar[DataNeed]
     shardable: ClassVar[bool] = True  # learners may share its batches (ray.num_learners > 1)
     settings_class: ClassVar[type | None] = None  # a frozen dataclass of doc_fields, or None
+    needs_reference: ClassVar[bool] = False  # the learner keeps a frozen theta_0 as ``ctx.reference``
 
-    def __init__(self, settings: Any):
+    def __init__(self, settings: Any, algo: AlgoConfig | None = None):
+        """``algo``: the whole ``algo`` section (None: ``settings`` is it)."""
         self.settings = settings
+        self.algo = algo if algo is not None else settings
 
     @abc.abstractmethod
     def update(self, ctx: PolicyContext, data: TransitionBatch | None) -> list[dict[str, float]]:
@@ -151,9 +160,9 @@ def make_algorithm(name: str, algo: AlgoConfig) -> PolicyAlgorithm:
     there is none), or all of ``algo`` for one without a ``settings_class``."""
     cls = algorithm_class(name)
     if cls.settings_class is None:
-        return cls(algo)
+        return cls(algo, algo)
     section = algo.sections.get(name)
-    return cls(section if section is not None else from_dict(cls.settings_class, {}, where=f"algo.{name}"))
+    return cls(section if section is not None else from_dict(cls.settings_class, {}, where=f"algo.{name}"), algo)
 
 
 def algorithm_class(name: str) -> type[PolicyAlgorithm]:

@@ -27,7 +27,7 @@ class PPO(PolicyAlgorithm):
         batch = data.to_torch(ctx.device)
         reward, values = relabel(ctx, batch)
         advantage = reward - values  # (N,)
-        params = list(ctx.policy.parameters())
+        params = [p for p in ctx.policy.parameters() if p.requires_grad]  # theta (LoRA: the adapters)
         dims = dims_averaged(ctx)
         out: list[dict[str, float]] = []
         for _ in range(self.settings.ppo_epochs):

@@ -19,7 +19,7 @@ class PathwiseSFT(PolicyAlgorithm):
     shardable = False  # each learner would draw its own chains: not the one learner's update
 
     def update(self, ctx: PolicyContext, data: TransitionBatch | None) -> list[dict[str, float]]:
-        params = list(ctx.policy.parameters())
+        params = [p for p in ctx.policy.parameters() if p.requires_grad]  # theta (LoRA: the adapters)
         out = []
         for _ in range(ctx.n_generator):
             x_start = torch.randn(

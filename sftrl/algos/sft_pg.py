@@ -91,16 +91,14 @@ class SFTPG(PolicyAlgorithm):
     def update(self, ctx: PolicyContext, data: TransitionBatch | None) -> list[dict[str, float]]:
         assert data is not None, "sft-pg learns from buffer samples (data = 'samples')"
         batch = data.to_torch(ctx.device)
-        weights = stale_importance_weights(ctx, batch, self.settings.max_importance_weight)
-        params = list(ctx.policy.parameters())
+        weights = stale_importance_weights(ctx, batch, self.algo.max_importance_weight)
+        params = [p for p in ctx.policy.parameters() if p.requires_grad]
         out = []
         for j in range(ctx.n_generator):
             rows, reduce = ctx.shard.split(slice(j * ctx.batch_size, (j + 1) * ctx.batch_size), len(batch))
             mb = batch.select(rows)
-            reward, values = relabel(ctx, mb)
-            log_prob = rescore(ctx, mb)
             weight = None if weights is None else weights[0][rows]
-            loss, metrics = losses.policy_gradient_loss(log_prob, reward, values, weight)
+            loss, metrics, log_prob = self.step_loss(ctx, mb, weight)
             if weights is not None and weight is not None:
                 metrics[losses.IMPORTANCE_WEIGHT_MEAN] = weight.mean().item()
                 metrics[losses.IMPORTANCE_WEIGHT_TRUNCATED] = weights[1][rows].float().mean().item()
@@ -110,3 +108,12 @@ class SFTPG(PolicyAlgorithm):
             metrics |= gradient_step(loss, [ctx.optimizer], params, ctx.max_grad_norm, reduce)
             out.append(metrics)
         return out
+
+    def step_loss(self, ctx: PolicyContext, mb: TransitionBatch, weight: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """``(loss, metrics, log_prob)`` of one policy step on minibatch ``mb``: Eq. 20's loss
+        (``weight``: async mode's importance weights, or None). Subclasses add terms here."""
+        reward, values = relabel(ctx, mb)
+        log_prob = rescore(ctx, mb)
+        loss, metrics = losses.policy_gradient_loss(log_prob, reward, values, weight)
+        return loss, metrics, log_prob

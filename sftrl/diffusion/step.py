@@ -9,7 +9,9 @@ The same function samples x_{n-1} (rollouts, evaluation, the env) or scores a gi
 Code name        -> paper symbol
 ``x_n``          -> x_{t+1} (the state), ``x_prev`` -> x_t (the action)
 ``log_prob``     -> log p^theta_t(x_t | x_{t+1})
-``std``          -> the std of the step: sigma_n, or ``final_step_std`` where sigma_n = 0
+``std``          -> the std of the step: sigma_n, or ``final_step_std`` where sigma_n = 0; for a
+                    sampler with learned variances (``sftrl.diffusion.variance``) its own std_n,
+                    per step or per step and channel
 
 A step whose std is 0 is deterministic: it has no density, its ``log_prob`` is 0 and it carries no
 policy gradient. ``final_step_std`` (the paper's image code uses 0.001 during training rollouts)
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from sftrl.diffusion.schedules import StepTables
+from sftrl.diffusion.variance import floored_std, learned_log_std
 
 Reduction = Literal["sum", "mean"]
 REDUCTIONS: tuple[str, ...] = ("sum", "mean")
@@ -35,7 +38,8 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 @dataclasses.dataclass(frozen=True)
 class StepOutput:
-    """One step for a batch: ``x_prev``, ``mean`` ``(B, *D)``; ``std``, ``log_prob`` ``(B,)``."""
+    """One step for a batch: ``x_prev``, ``mean`` ``(B, *D)``; ``log_prob`` ``(B,)``; ``std`` ``(B,)``,
+    or ``(B, C)`` for a sampler with a learned std per channel."""
 
     x_prev: torch.Tensor
     mean: torch.Tensor
@@ -68,14 +72,15 @@ def gaussian_log_prob(
 ) -> torch.Tensor:
     """log N(x; mean, std^2 I) reduced over every non-batch dim, ``(B,)``; 0 where std = 0.
 
-    ``x``, ``mean`` ``(B, *D)``; ``std`` ``(B,)``. ``reduction`` ``sum`` is the exact density;
-    ``mean`` divides by the dimension (the paper's image code), which rescales the gradient.
+    ``x``, ``mean`` ``(B, *D)``; ``std`` ``(B,)``, or ``(B, C)`` (one per channel, ``D = (C, ...)``,
+    all positive). ``reduction`` ``sum`` is the exact density; ``mean`` divides by the dimension
+    (the paper's image code), which rescales the gradient.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown log-prob reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
-    stochastic = std > 0
-    safe_std = torch.where(stochastic, std, torch.ones_like(std))
-    shape = (-1,) + (1,) * (x.dim() - 1)
+    stochastic = std > 0 if std.dim() == 1 else (std > 0).all(1)  # (B,)
+    safe_std = torch.where(std > 0, std, torch.ones_like(std))
+    shape = tuple(std.shape) + (1,) * (x.dim() - std.dim())  # (B, 1, ...) or (B, C, 1, ...)
     z = (x - mean) / safe_std.view(shape)  # (B, *D)
     per_dim = -0.5 * z.pow(2) - torch.log(safe_std).view(shape) - 0.5 * _LOG_2PI
     per_dim = per_dim.flatten(1)  # (B, D)
@@ -83,10 +88,40 @@ def gaussian_log_prob(
     return torch.where(stochastic, reduced, torch.zeros_like(reduced))
 
 
+def gaussian_kl(
+    mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor, std_q: torch.Tensor, reduction: Reduction
+) -> torch.Tensor:
+    """KL(N(mean_p, std_p^2 I) || N(mean_q, std_q^2 I)) reduced like ``gaussian_log_prob``, ``(B,)``.
+
+    Per dim: log(std_q / std_p) + (std_p^2 + (mean_p - mean_q)^2) / (2 std_q^2) - 1/2. ``mean_*``
+    ``(B, *D)``; ``std_*`` ``(B,)`` or ``(B, C)``, positive (a deterministic step has no KL).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown log-prob reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+
+    def spread(std: torch.Tensor) -> torch.Tensor:
+        return std.view(tuple(std.shape) + (1,) * (mean_p.dim() - std.dim()))
+
+    s_p, s_q = spread(std_p), spread(std_q)
+    per_dim = torch.log(s_q / s_p) + (s_p.pow(2) + (mean_p - mean_q).pow(2)) / (2.0 * s_q.pow(2)) - 0.5
+    per_dim = per_dim.expand_as(mean_p).flatten(1)  # (B, D)
+    return per_dim.sum(1) if reduction == "sum" else per_dim.mean(1)
+
+
 def step_std(tables: StepTables, n: torch.Tensor, final_step_std: float) -> torch.Tensor:
     """The std ``(B,)`` of step n: sigma_n, floored to ``final_step_std`` where sigma_n = 0."""
     sigma = tables.sigma[n]
     return torch.where(sigma > 0, sigma, torch.full_like(sigma, final_step_std))
+
+
+def policy_std(model: nn.Module, tables: StepTables, n: torch.Tensor, final_step_std: float) -> torch.Tensor:
+    """The std of step n under ``model``: its learned std_n ``(B,)`` or ``(B, C)`` where it learns
+    its variances (``final_step_std`` is then only their starting value), else ``step_std``."""
+    learned = learned_log_std(model)
+    if learned is None:
+        return step_std(tables, n, final_step_std)
+    log_std, floor = learned
+    return floored_std(log_std[n], floor)
 
 
 def trainable_steps(stds, final_step_std: float = 0.0) -> tuple[int, ...]:
@@ -121,13 +156,13 @@ def denoise_step(
     shape = (-1,) + (1,) * (x_n.dim() - 1)
     eps = model(x_n, tables.tau[n])  # (B, *D)
     mean = tables.coef_x[n].view(shape) * x_n + tables.coef_eps[n].view(shape) * eps
-    std = step_std(tables, n, final_step_std)  # (B,)
+    std = policy_std(model, tables, n, final_step_std)  # (B,) or (B, C)
     if x_prev is None:
         if noise is None:
             noise = torch.randn(x_n.shape, generator=generator, device=x_n.device, dtype=x_n.dtype)
         elif noise.shape != x_n.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x_n.shape)}")
-        x_prev = mean + std.view(shape) * noise
+        x_prev = mean + std.view(tuple(std.shape) + (1,) * (x_n.dim() - std.dim())) * noise
     elif x_prev.shape != x_n.shape:
         raise ValueError(f"x_prev has shape {tuple(x_prev.shape)}, expected {tuple(x_n.shape)}")
     return StepOutput(
@@ -162,7 +197,7 @@ def rollout(
         x = out.x_prev
         xs.append(x)
         log_probs.append(out.log_prob)
-        stds.append(out.std[0])
+        stds.append(out.std[0].amin())  # per channel: 0 only where the step is deterministic
     return Trajectory(
         xs=torch.stack(xs),  # (S + 1, B, *D)
         log_probs=torch.stack(log_probs),  # (S, B)

@@ -469,7 +469,11 @@ def save_diffusers_unet(unet: UNet, folder: str | PathLike[str]) -> None:
     layout = layout_of(unet)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    weights = to_diffusers_state_dict(unet.state_dict(), len(layout.ch_mult))
+    from sftrl.diffusion.variance import LOG_STD_KEY
+
+    # Learned step stds are no part of a UNet2DModel: sftrl export writes them beside it.
+    state = {k: v for k, v in unet.state_dict().items() if k != LOG_STD_KEY}
+    weights = to_diffusers_state_dict(state, len(layout.ch_mult))
     save_file({k: v.cpu() for k, v in weights.items()}, str(out / SAFETENSORS_NAME), metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(diffusers_config(layout), indent=2) + "\n")
 

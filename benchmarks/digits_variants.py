@@ -1,0 +1,133 @@
+"""Beyond the paper on digits: FID over iterations of SFT-PG and its variants, over seeds.
+
+    python benchmarks/digits_variants.py [--variants sft-pg sft-pg-kl lora-r4 learned-variance]
+        [--seeds 0 1 2] [--out benchmarks/results/digits-variants.json]
+
+Each variant is ``configs/digits.yaml`` with a few overrides (``VARIANTS``), run through
+``python -m sftrl.run`` in a subprocess per seed (``seed=S``; the pretrained sampler is the same
+cached one for every run). The run's own evaluations (every ``trainer.eval_every`` = 50
+iterations, 1797 samples, the digits CNN's FID) give the curve; per run the table reports the best
+FID, the last one and the drift (last / best - 1: how far the sampler moved back after its best
+point), and per variant their mean and spread over the seeds. LoRA's rows also say the bytes of
+one weights publication (``bytes/...`` is not logged; ``benchmarks/lora_bytes.py`` measures it
+for the large U-Nets).
+
+The questions (issue 22): does ``sft-pg-kl`` end within 10% of its best where ``sft-pg`` drifts
+back, with a best no worse; does LoRA reach full fine-tuning's FID within the seed spread; do
+learned variances beat fixed ones by more than the spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "digits.yaml"
+VARIANTS: dict[str, list[str]] = {
+    "sft-pg": [],
+    "sft-pg-kl": ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.01"],
+    "lora-r4": ["model.lora_rank=4"],
+    "learned-variance": ["model.learn_variance=true"],
+}
+
+
+def fid_curve(metrics_path: Path) -> list[tuple[int, float]]:
+    """``(iteration, FID)`` of every evaluation a run's ``metrics.jsonl`` holds, in order."""
+    curve = []
+    for line in metrics_path.read_text().splitlines():
+        row = json.loads(line)
+        if "eval/fid" in row:
+            curve.append((int(row["iteration"]), float(row["eval/fid"])))
+    return curve
+
+
+def run_summary(curve: list[tuple[int, float]]) -> dict:
+    """Best and last FID of one run, and the drift back from the best: last / best - 1."""
+    fids = [f for _, f in curve]
+    best = min(fids)
+    return {"curve": curve, "initial_fid": fids[0], "best_fid": best,
+            "best_iteration": next(i for i, f in curve if f == best), "last_fid": fids[-1],
+            "drift": fids[-1] / best - 1.0}
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def variant_summary(runs: list[dict]) -> dict:
+    return {key: spread([r[key] for r in runs]) for key in ("best_fid", "last_fid", "drift")}
+
+
+def _cell(stat: dict, fmt: str, runs: int) -> str:
+    return f"{stat['mean']:{fmt}} ± {stat['std']:{fmt}}" if runs > 1 else f"{stat['mean']:{fmt}}"
+
+
+def markdown(results: dict) -> str:
+    lines = ["| variant | overrides | seeds | FID by iteration (seed 0) | best FID | last FID | drift (last/best - 1) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | `{' '.join(r['overrides'])}` | - | failed: {r['error'][:120]} | | | |")
+            continue
+        curve = ", ".join(f"{i}: {f:.2f}" for i, f in r["runs"][0]["curve"])
+        cells = [_cell(r["summary"][key], fmt, len(r["runs"])) for key, fmt in
+                 (("best_fid", ".2f"), ("last_fid", ".2f"), ("drift", "+.1%"))]
+        lines.append(f"| {name} | `{' '.join(r['overrides']) or '(digits.yaml)'}` | {len(r['runs'])} | {curve} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_one(overrides: list[str], seed: int, work: Path, cache_dir: str | None) -> dict:
+    run_dir = work / f"run-{abs(hash((tuple(overrides), seed)))}"
+    cmd = [sys.executable, "-m", "sftrl.run", str(CONFIG), *overrides, f"seed={seed}", "--run-dir", str(run_dir),
+           "--no-progress", *([f"pretrain.cache_dir={cache_dir}"] if cache_dir else [])]
+    start = time.monotonic()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+    return {"seed": seed, "seconds": round(time.monotonic() - start, 1), **run_summary(fid_curve(run_dir / "metrics.jsonl"))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--cache-dir", help="pretrain.cache_dir (default: the config's)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "digits-variants.json"))
+    args = p.parse_args()
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.variants:
+            runs = []
+            try:
+                for seed in args.seeds:
+                    runs.append(run_one(VARIANTS[name], seed, Path(tmp), args.cache_dir))
+                    print(json.dumps({"variant": name, **{k: v for k, v in runs[-1].items() if k != "curve"}}), flush=True)
+                results[name] = {"overrides": VARIANTS[name], "runs": runs, "summary": variant_summary(runs)}
+            except RuntimeError as err:  # a variant that cannot run (e.g. peft missing) is reported
+                results[name] = {"overrides": VARIANTS[name], "runs": runs, "error": str(err)}
+    out = {
+        "what": "digits FID (digits CNN) at each evaluation of configs/digits.yaml and its variants, per seed",
+        "command": "python benchmarks/digits_variants.py " + " ".join(sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "results": results,
+        "markdown": markdown(results),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    Path(args.out).with_suffix(".md").write_text(out["markdown"])
+    print(out["markdown"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""``sft-pg-kl``: SFT-PG (Eq. 20) with a KL penalty to the pretrained sampler (DPOK-style).
+
+Each policy step minimises
+
+    L = L_Eq.20 + beta * mean over the minibatch of KL(pi_theta(. | x_n) || pi_theta_0(. | x_n))
+
+where theta_0 is the sampler fine-tuning started from (frozen: ``PolicyContext.reference``) and
+x_n are the buffer's states. Both steps are Gaussians, so each KL is in closed form
+(``step.gaussian_kl``, reduced over the data dims like the log-prob); with fixed variances it is
+the squared distance of the two means over 2 std_n^2. The penalty keeps the sampler near the
+pretrained one: where plain SFT-PG drifts after its best point, the KL holds it back.
+
+Written against the plug-in interface only (``settings_class``, ``needs_reference``): its one
+setting is read from ``algo.sft-pg-kl.beta``; the shared ones (``algo.max_importance_weight``)
+from ``algo``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from sftrl.algos import losses
+from sftrl.algos.base import PolicyContext, register
+from sftrl.algos.sft_pg import SFTPG, relabel
+from sftrl.buffer import TransitionBatch
+from sftrl.configtools import Range, doc_field
+from sftrl.diffusion.step import denoise_step, gaussian_kl
+
+KL_TO_PRETRAINED = "kl_to_pretrained"  # mean per-step KL(pi_theta || pi_theta_0) of a minibatch
+
+
+@dataclasses.dataclass(frozen=True)
+class KLSettings:
+    """Read from ``algo.sft-pg-kl`` in the config."""
+
+    beta: float = doc_field(
+        1.0, "Weight of the per-step KL(pi_theta || pi_pretrained) added to Eq. 20's loss (reduced over data "
+        "dims as diffusion.log_prob_reduction says).", valid=Range(0.0))
+
+
+def kl_penalty(step_kl: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """beta x the mean of ``step_kl`` ``(B,)``, and its metric (the mean KL itself)."""
+    kl = step_kl.mean()
+    return beta * kl, {KL_TO_PRETRAINED: kl.item()}
+
+
+@register("sft-pg-kl")
+class SFTPGKL(SFTPG):
+    """SFT-PG's generator phase (async reweighting included) with ``beta`` x the KL to theta_0."""
+
+    settings_class = KLSettings
+    needs_reference = True
+
+    def step_loss(self, ctx: PolicyContext, mb: TransitionBatch, weight: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        assert ctx.reference is not None, "sft-pg-kl needs the learner's reference sampler (needs_reference)"
+        reward, values = relabel(ctx, mb)
+        step = denoise_step(ctx.forward, ctx.tables, mb.x_n, mb.n, x_prev=mb.x_prev,
+                            final_step_std=ctx.final_step_std, reduction=ctx.reduction)
+        with torch.no_grad():
+            ref = denoise_step(ctx.reference, ctx.tables, mb.x_n, mb.n, x_prev=mb.x_prev,
+                               final_step_std=ctx.final_step_std, reduction=ctx.reduction)
+        loss, metrics = losses.policy_gradient_loss(step.log_prob, reward, values, weight)
+        penalty, kl_metrics = kl_penalty(gaussian_kl(step.mean, step.std, ref.mean, ref.std, ctx.reduction),
+                                         self.settings.beta)
+        return loss + penalty, metrics | kl_metrics, step.log_prob
