@@ -59,7 +59,7 @@ TINY = [
     "algo.n_critic=2",
     "algo.n_generator=2",
     "algo.batch_size=32",
-    "trainer.iterations=5",
+    "trainer.iterations=3",
     "trainer.eval_every=0",
     "trainer.log_every=1",
     "trainer.checkpoint_every=0",
@@ -168,7 +168,7 @@ def _decode_caches(work: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (work / "cache" / "data").glob("*.u8.npy")}
 
 
-def run_once(folder: Path, work: Path, tag: str) -> dict:
+def run_once(folder: Path, work: Path, tag: str, timeout_s: float = 1800) -> dict:
     run_dir = work / f"run-{tag}"
     cmd = [sys.executable, "-m", "sftrl.run", "configs/celeba.yaml", *TINY, f"data.path={folder}",
            f"pretrain.cache_dir={work / 'cache' / 'pretrained'}", "--run-dir", str(run_dir)]  # progress: plain lines
@@ -178,9 +178,20 @@ def run_once(folder: Path, work: Path, tag: str) -> dict:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     watcher = Watcher(proc.pid)
     watcher.start()
-    stdout, stderr = proc.communicate(timeout=1800)
-    watcher.stop.set()
-    watcher.join()
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:  # stop the run (SIGTERM: it shuts its Ray down), then say so
+        proc.terminate()
+        try:
+            proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise SystemExit(f"run {tag} did not finish in {timeout_s:.0f} s (a loaded machine starves Ray's "
+                         "niced workers: run it alone, or raise --timeout)") from None
+    finally:
+        watcher.stop.set()
+        watcher.join()
     if proc.returncode != 0:
         raise SystemExit(f"run {tag} failed ({proc.returncode}):\n{stderr[-3000:]}")
     decode_lines = [line for line in stderr.splitlines() if "decode celeba" in line]
@@ -225,6 +236,7 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "image-memory.json"))
     p.add_argument("--sizes", type=int, nargs=2, default=[4000, 24000], metavar=("SMALL", "LARGE"))
     p.add_argument("--work", help="keep the JPEGs and caches here (default: a temporary directory)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds one run may take (default 1800)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
@@ -235,7 +247,7 @@ def main() -> None:
             write_jpegs(folder, n)
             print(f"{n} JPEGs written in {time.monotonic() - t:.0f} s", flush=True)
             seeded = seed_caches(folder, work)
-            run = run_once(folder, work, f"{n}")
+            run = run_once(folder, work, f"{n}", args.timeout)
             results[n] = {"caches": seeded, "run": run}
             print(f"N={n}: peak Pss {run['peak']['pss_bytes'] / 1e6:.0f} MB over {run['peak']['processes']} "
                   f"processes (cache mapping {run['peak_cache']['cache_pss_bytes'] / 1e6:.1f} MB); the run "
