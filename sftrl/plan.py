@@ -23,7 +23,7 @@ from sftrl.algos.base import DataNeed
 from sftrl.config import Config
 from sftrl.configtools import ConfigError
 from sftrl.diffusion.schedules import SamplingSchedule, make_schedule
-from sftrl.diffusion.step import trainable_steps
+from sftrl.diffusion.step import step_std, trainable_steps
 
 
 def schedule_of(cfg: Config) -> SamplingSchedule:
@@ -34,25 +34,23 @@ def schedule_of(cfg: Config) -> SamplingSchedule:
 
 
 def initial_stds(cfg: Config, schedule: SamplingSchedule):
-    """The stds a learned-variance sampler starts from, ``(S + 1,)`` (index 0 unused): the schedule's
-    sigma_n, or ``diffusion.final_step_std`` where sigma_n = 0 (``step.step_std``)."""
+    """The stds a learned-variance sampler starts from, ``(S + 1,)`` (index 0 unused, step 1's):
+    each step's fixed std, ``step.step_std`` (sigma_n, or ``diffusion.final_step_std`` where it is 0).
+    On the CPU whatever the default device (the preflight builds networks on ``meta``)."""
     import torch
 
-    sigma = schedule.tables("cpu", torch.float64).sigma.nan_to_num(0.0)  # indexed by n
-    return torch.where(sigma > 0, sigma, torch.full_like(sigma, cfg.diffusion.final_step_std))
+    n = torch.arange(schedule.num_steps + 1, device="cpu").clamp(min=1)
+    return step_std(schedule.tables("cpu", torch.float64), n, cfg.diffusion.final_step_std)
 
 
 def check_learned_variance(cfg: Config, schedule: SamplingSchedule) -> None:
     """``model.learn_variance``: every step must start above ``model.variance_floor`` (ConfigError)."""
-    import torch
-
-    stds = initial_stds(cfg, schedule)
-    floor = cfg.model.variance_floor
+    stds, floor = initial_stds(cfg, schedule), cfg.model.variance_floor
     low = [n for n in range(1, len(stds)) if not float(stds[n]) > floor]
     if not low:
         return
     n = low[0]
-    if not float(schedule.tables("cpu", torch.float64).sigma[n]) > 0:
+    if not float(schedule.tables("cpu").sigma[n]) > 0:  # it starts at final_step_std
         raise ConfigError(
             f"'diffusion.final_step_std' = {cfg.diffusion.final_step_std!r} is invalid with model.learn_variance: "
             f"step n = {n} has sigma = 0 and starts at this std, which must be above model.variance_floor = "
