@@ -2,6 +2,7 @@
 
     python benchmarks/digits_variants.py [--variants sft-pg sft-pg-kl lora-r4 learned-variance]
         [--seeds 0 1 2] [--out benchmarks/results/digits-variants.json]
+    python benchmarks/digits_variants.py --merge A.json B.json ... --out benchmarks/results/digits-variants.json
 
 Each variant is ``configs/digits.yaml`` with a few overrides (``VARIANTS``), run through
 ``python -m sftrl.run`` in a subprocess per seed (``seed=S``; the pretrained sampler is the same
@@ -11,6 +12,12 @@ FID, the last one and the drift (last / best - 1: how far the sampler moved back
 point), and per variant their mean and spread over the seeds. LoRA's rows also say the bytes of
 one weights publication (``bytes/...`` is not logged; ``benchmarks/lora_bytes.py`` measures it
 for the large U-Nets).
+
+A variant is one of ``VARIANTS`` or ``NAME=KEY=VALUE[,KEY=VALUE...]`` for another override set.
+The JSON is rewritten after every run, so a long invocation that stops keeps what it measured.
+Runs take about 9 minutes each on an idle 2-core machine (one core each: ``torch_threads: 1``), so
+two invocations can share the machine; ``--merge`` joins their JSONs into one report (a later
+file's run of the same variant and seed replaces an earlier one) and runs nothing.
 
 The questions (issue 22): does ``sft-pg-kl`` end within 10% of its best where ``sft-pg`` drifts
 back, with a best no worse; does LoRA reach full fine-tuning's FID within the seed spread; do
@@ -35,9 +42,41 @@ CONFIG = REPO / "configs" / "digits.yaml"
 VARIANTS: dict[str, list[str]] = {
     "sft-pg": [],
     "sft-pg-kl": ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.01"],
+    "sft-pg-kl-floor": ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.01", "algo.sft-pg-kl.min_std=0.1"],
     "lora-r4": ["model.lora_rank=4"],
     "learned-variance": ["model.learn_variance=true"],
 }
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """A ``VARIANTS`` name or ``NAME=KEY=VALUE[,KEY=VALUE...]``: (name, overrides)."""
+    if spec in VARIANTS:
+        return spec, list(VARIANTS[spec])
+    name, sep, overrides = spec.partition("=")
+    if not sep or not name or not overrides:
+        raise ValueError(f"variant {spec!r}: give one of {', '.join(VARIANTS)} or NAME=KEY=VALUE[,KEY=VALUE...]")
+    return name, [o for o in overrides.split(",") if o]
+
+
+def merge(outputs: list[dict]) -> dict:
+    """The ``results`` of several outputs joined per variant: runs by seed (a later output's run of
+    the same seed replaces an earlier one), summaries recomputed; a variant with no run keeps its error."""
+    results: dict = {}
+    for out in outputs:
+        for name, r in out["results"].items():
+            entry = results.setdefault(name, {"overrides": r["overrides"], "runs": {}})
+            if entry["overrides"] != r["overrides"]:
+                raise ValueError(f"variant {name!r} has overrides {r['overrides']} in one output and "
+                                 f"{entry['overrides']} in another: give one of them another name")
+            entry["runs"].update({run["seed"]: run for run in r["runs"]})
+            if "error" in r:
+                entry["error"] = r["error"]
+    merged = {}
+    for name, entry in results.items():
+        runs = [entry["runs"][seed] for seed in sorted(entry["runs"])]
+        merged[name] = ({"overrides": entry["overrides"], "runs": runs, "summary": variant_summary(runs)} if runs
+                        else {"overrides": entry["overrides"], "runs": [], "error": entry.get("error", "no run")})
+    return merged
 
 
 def fid_curve(metrics_path: Path) -> list[tuple[int, float]]:
@@ -98,35 +137,58 @@ def run_one(overrides: list[str], seed: int, work: Path, cache_dir: str | None) 
     return {"seed": seed, "seconds": round(time.monotonic() - start, 1), **run_summary(fid_curve(run_dir / "metrics.jsonl"))}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--cache-dir", help="pretrain.cache_dir (default: the config's)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "digits-variants.json"))
-    args = p.parse_args()
-    results: dict = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.variants:
-            runs = []
-            try:
-                for seed in args.seeds:
-                    runs.append(run_one(VARIANTS[name], seed, Path(tmp), args.cache_dir))
-                    print(json.dumps({"variant": name, **{k: v for k, v in runs[-1].items() if k != "curve"}}), flush=True)
-                results[name] = {"overrides": VARIANTS[name], "runs": runs, "summary": variant_summary(runs)}
-            except RuntimeError as err:  # a variant that cannot run (e.g. peft missing) is reported
-                results[name] = {"overrides": VARIANTS[name], "runs": runs, "error": str(err)}
+def write(path: Path, results: dict, command: str) -> None:
     out = {
         "what": "digits FID (digits CNN) at each evaluation of configs/digits.yaml and its variants, per seed",
-        "command": "python benchmarks/digits_variants.py " + " ".join(sys.argv[1:]),
+        "command": command,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "results": results,
         "markdown": markdown(results),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    Path(args.out).with_suffix(".md").write_text(out["markdown"])
-    print(out["markdown"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.replace(path)  # never a half-written report
+    path.with_suffix(".md").write_text(out["markdown"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                   help=f"{', '.join(VARIANTS)}, or NAME=KEY=VALUE[,KEY=VALUE...]")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--cache-dir", help="pretrain.cache_dir (default: the config's)")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="join these outputs into --out; run nothing")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "digits-variants.json")
+    args = p.parse_args()
+    command = "python benchmarks/digits_variants.py " + " ".join(sys.argv[1:])
+    if args.merge:
+        try:
+            outputs = [json.loads(path.read_text()) for path in args.merge]
+            results = merge(outputs)
+        except (OSError, ValueError, KeyError) as err:
+            p.error(f"--merge: {err}")
+        write(args.out, results, " ; ".join(o["command"] for o in outputs) + " ; " + command)
+        print(markdown(results))
+        return
+    try:
+        variants = [parse_variant(spec) for spec in args.variants]
+    except ValueError as err:
+        p.error(str(err))
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, overrides in variants:
+            runs: list[dict] = []
+            try:
+                for seed in args.seeds:
+                    runs.append(run_one(overrides, seed, Path(tmp), args.cache_dir))
+                    print(json.dumps({"variant": name, **{k: v for k, v in runs[-1].items() if k != "curve"}}), flush=True)
+                    results[name] = {"overrides": overrides, "runs": runs, "summary": variant_summary(runs)}
+                    write(args.out, results, command)
+            except RuntimeError as err:  # a variant that cannot run (e.g. peft missing) is reported
+                results[name] = {"overrides": overrides, "runs": runs, "error": str(err)}
+                write(args.out, results, command)
+    print(markdown(results))
 
 
 if __name__ == "__main__":

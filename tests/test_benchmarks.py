@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import REPO, run_cli
 
 
@@ -57,7 +59,15 @@ def test_the_digits_variants_summary_reads_fid_curves_and_their_drift(tmp_path):
     import sys
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from digits_variants import VARIANTS, fid_curve, markdown, run_summary, variant_summary
+    from digits_variants import (
+        VARIANTS,
+        fid_curve,
+        markdown,
+        merge,
+        parse_variant,
+        run_summary,
+        variant_summary,
+    )
 
     from sftrl.config import load
 
@@ -77,3 +87,17 @@ def test_the_digits_variants_summary_reads_fid_curves_and_their_drift(tmp_path):
                       "lora-r4": {"overrides": ["model.lora_rank=4"], "runs": [], "error": "peft missing"}})
     assert "| sft-pg | `(digits.yaml)` | 2 | 0: 18.00, 50: 7.00, 100: 6.00, 150: 7.80 | 7.00 ± 1.41 |" in table
     assert "failed: peft missing" in table
+    assert parse_variant("lora-r4") == ("lora-r4", ["model.lora_rank=4"])
+    assert parse_variant("kl=algo.name=sft-pg-kl,algo.sft-pg-kl.beta=0.1") == ("kl", ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.1"])
+    with pytest.raises(ValueError, match="NAME=KEY=VALUE"):
+        parse_variant("no-such-variant")
+    # two invocations' outputs join per variant and seed; the later run of a seed wins
+    first = {"results": {"sft-pg": {"overrides": [], "runs": [{**run, "seed": 0}, {**run, "seed": 1}]},
+                         "lora-r4": {"overrides": ["model.lora_rank=4"], "runs": [], "error": "peft missing"}}}
+    second = {"results": {"sft-pg": {"overrides": [], "runs": [{**run, "seed": 1, "best_fid": 5.0}, {**run, "seed": 2}]}}}
+    joined = merge([first, second])
+    assert [r["seed"] for r in joined["sft-pg"]["runs"]] == [0, 1, 2]
+    assert joined["sft-pg"]["summary"]["best_fid"]["values"] == [6.0, 5.0, 6.0]
+    assert joined["lora-r4"]["error"] == "peft missing"
+    with pytest.raises(ValueError, match="another name"):
+        merge([first, {"results": {"sft-pg": {"overrides": ["x=1"], "runs": []}}}])

@@ -10,7 +10,7 @@ import torch
 
 from conftest import REPO, assert_close, run_cli
 from sftrl.algos import algorithm_names, make_algorithm
-from sftrl.algos.sft_pg_kl import KL_TO_PRETRAINED
+from sftrl.algos.sft_pg_kl import KL_TO_PRETRAINED, floored_step_kl
 from sftrl.buffer import ReplayBuffer
 from sftrl.config import load
 from sftrl.diffusion.schedules import make_schedule
@@ -41,7 +41,20 @@ def test_the_step_kl_is_the_gaussians_closed_form(reduction):
         assert_close(gaussian_kl(mean_p, std_p, mean_p, std_p, reduction), torch.zeros(5), atol=1e-12)
 
 
-def _setup(beta: float, lr: float = 3e-3):
+def test_min_std_floors_both_stds_inside_the_kl_only():
+    g = torch.Generator().manual_seed(1)
+    mean_p, mean_q = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    std = torch.tensor([0.001, 0.01, 0.2, 0.5], dtype=torch.float64)  # a last step, and three above the floor
+    exact = gaussian_kl(mean_p, std, mean_q, std, "mean")
+    assert torch.equal(floored_step_kl(mean_p, std, mean_q, std, "mean", 0.0), exact)  # 0: the exact KL
+    floored = floored_step_kl(mean_p, std, mean_q, std, "mean", 0.1)
+    # equal stds: |dmean|^2 / (2 max(std, 0.1)^2) per dim
+    expected = (mean_p - mean_q).pow(2).mean(1) / (2 * std.clamp(min=0.1).pow(2))
+    assert_close(floored, expected, rtol=1e-12)
+    assert torch.equal(floored[2:], exact[2:]) and (floored[:2] < exact[:2] / 99).all()
+
+
+def _setup(beta: float, lr: float = 3e-3, min_std: float = 0.0):
     torch.manual_seed(1)
     policy, critic, baseline = ToySampler(T, hidden=16), ToyCritic(hidden=(16, 16)), ToyBaseline(S, hidden=(16, 16))
     schedule = make_schedule("fastdpm-var-quadratic", S, num_train_steps=T)
@@ -50,7 +63,7 @@ def _setup(beta: float, lr: float = 3e-3):
     worker.set_policy_weights(to_numpy_state(policy), 0)
     buf = ReplayBuffer()
     buf.add_blocks(worker.rollout(2, 32))
-    algo = load(SMOKE, ["algo.name=sft-pg-kl", f"algo.sft-pg-kl.beta={beta}"]).algo
+    algo = load(SMOKE, ["algo.name=sft-pg-kl", f"algo.sft-pg-kl.beta={beta}", f"algo.sft-pg-kl.min_std={min_std}"]).algo
     learner = Learner(copy.deepcopy(policy), critic, baseline, schedule, make_algorithm(algo.name, algo), lr=lr,
                       max_grad_norm=None, batch_size=32, n_generator=2, final_step_std=0.001, reduction="sum",
                       data_shape=(2,), seed=3)
@@ -85,6 +98,15 @@ def test_a_larger_beta_keeps_the_sampler_closer_to_the_pretrained_one():
     assert final_kl[300.0] < 0.5 * final_kl[0.0], final_kl
 
 
+def test_a_std_floor_takes_the_last_steps_weight_out_of_the_logged_kl():
+    kls = {}
+    for min_std in (0.0, 0.1):
+        learner, buf, *_, published, _ = _setup(beta=0.0, lr=1e-2, min_std=min_std)  # beta 0: the same updates
+        metrics = learner.update_policy(buf.sample(2, 32, seed=0), published)
+        kls[min_std] = metrics[-1][KL_TO_PRETRAINED]
+    assert 0 < kls[0.1] < kls[0.0] / 10, kls  # the 0.001 last step no longer dominates
+
+
 def test_the_reference_stays_the_pretrained_sampler_across_a_resume():
     learner, buf, policy, published, _ = _setup(beta=1.0)
     learner.update_policy(buf.sample(2, 32, seed=0), published)
@@ -114,3 +136,7 @@ def test_a_run_logs_the_kl_and_the_config_names_its_setting(tmp_path, cache_dir)
     bad = run_cli(["sftrl.run", str(SMOKE), "algo.name=sft-pg-kl", "algo.sft-pg-kl.bta=1", "--run-dir", str(tmp_path / "x")])
     assert bad.returncode == 2 and "algo.sft-pg-kl.bta" in bad.stderr and "beta" in bad.stderr
     assert not (tmp_path / "x").exists()
+    negative = run_cli(["sftrl.run", str(SMOKE), "algo.name=sft-pg-kl", "algo.sft-pg-kl.min_std=-0.1",
+                        "--run-dir", str(tmp_path / "y")])
+    assert negative.returncode == 2 and "algo.sft-pg-kl.min_std" in negative.stderr
+    assert not (tmp_path / "y").exists()

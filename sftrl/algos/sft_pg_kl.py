@@ -10,6 +10,12 @@ x_n are the buffer's states. Both steps are Gaussians, so each KL is in closed f
 the squared distance of the two means over 2 std_n^2. The penalty keeps the sampler near the
 pretrained one: where plain SFT-PG drifts after its best point, the KL holds it back.
 
+A nearly deterministic last step (``diffusion.final_step_std`` 0.001 on images) weighs a shift of
+its mean by 1 / (2 x 0.001^2) = 500,000 per squared unit, against about 1 for the first steps, so
+the exact KL is almost all last step and pins the sampler's output. ``min_std`` floors both stds
+inside the KL only (``floored_step_kl``; sampling and Eq. 20 keep the exact stds), which spreads
+the penalty over the chain: with 0.1, no step weighs more than 50 per squared unit.
+
 Written against the plug-in interface only (``settings_class``, ``needs_reference``): its one
 setting is read from ``algo.sft-pg-kl.beta``; the shared ones (``algo.max_importance_weight``)
 from ``algo``.
@@ -26,7 +32,7 @@ from sftrl.algos.base import PolicyContext, register
 from sftrl.algos.sft_pg import SFTPG, relabel
 from sftrl.buffer import TransitionBatch
 from sftrl.configtools import Range, doc_field
-from sftrl.diffusion.step import denoise_step, gaussian_kl
+from sftrl.diffusion.step import Reduction, denoise_step, gaussian_kl
 
 KL_TO_PRETRAINED = "kl_to_pretrained"  # mean per-step KL(pi_theta || pi_theta_0) of a minibatch
 
@@ -38,12 +44,24 @@ class KLSettings:
     beta: float = doc_field(
         1.0, "Weight of the per-step KL(pi_theta || pi_pretrained) added to Eq. 20's loss (reduced over data "
         "dims as diffusion.log_prob_reduction says).", valid=Range(0.0))
+    min_std: float = doc_field(
+        0.0, "Floor on both steps' stds inside the KL only (sampling and Eq. 20 keep the exact ones): with a "
+        "nearly deterministic last step (diffusion.final_step_std) the exact KL is almost all that step; a floor "
+        "such as 0.1 spreads the penalty over the chain. 0: the exact KL.", valid=Range(0.0))
 
 
 def kl_penalty(step_kl: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
     """beta x the mean of ``step_kl`` ``(B,)``, and its metric (the mean KL itself)."""
     kl = step_kl.mean()
     return beta * kl, {KL_TO_PRETRAINED: kl.item()}
+
+
+def floored_step_kl(mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor, std_q: torch.Tensor,
+                    reduction: Reduction, min_std: float) -> torch.Tensor:
+    """``gaussian_kl`` of two steps ``(B,)`` with both stds floored at ``min_std`` (0: exact)."""
+    if min_std > 0:
+        std_p, std_q = std_p.clamp(min=min_std), std_q.clamp(min=min_std)
+    return gaussian_kl(mean_p, std_p, mean_q, std_q, reduction)
 
 
 @register("sft-pg-kl")
@@ -63,6 +81,6 @@ class SFTPGKL(SFTPG):
             ref = denoise_step(ctx.reference, ctx.tables, mb.x_n, mb.n, x_prev=mb.x_prev,
                                final_step_std=ctx.final_step_std, reduction=ctx.reduction)
         loss, metrics = losses.policy_gradient_loss(step.log_prob, reward, values, weight)
-        penalty, kl_metrics = kl_penalty(gaussian_kl(step.mean, step.std, ref.mean, ref.std, ctx.reduction),
-                                         self.settings.beta)
+        step_kl = floored_step_kl(step.mean, step.std, ref.mean, ref.std, ctx.reduction, self.settings.min_std)
+        penalty, kl_metrics = kl_penalty(step_kl, self.settings.beta)
         return loss + penalty, metrics | kl_metrics, step.log_prob
