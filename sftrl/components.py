@@ -126,6 +126,7 @@ def make_learner(cfg: Config, init: InitState) -> Learner:
         lr_decay_phases=cfg.trainer.iterations if a.policy_lr_decay == "linear" else None,
         ema_decay=a.ema_decay,
         perf=cfg.perf,
+        variance_lr=cfg.model.variance_lr,
     )
     if cfg.perf.compile:
         warm_up(learner.ctx.forward, init.data_shape, learner.device, backward=True)

@@ -121,6 +121,11 @@ class ModelConfig:
         1e-4, "model.learn_variance: every learned std stays above this (std = sqrt(floor^2 + exp(2 s))); each "
         "step's starting std must be above it.", valid=Range(0.0, 1.0, low_open=True),
     )
+    variance_lr: float | None = doc_field(
+        None, "model.learn_variance: Adam learning rate of the learned log-stds (null: algo.policy_lr). Adam moves "
+        "each log-std by about its lr per step, so the image configs' policy lr (1e-5 or less) barely moves a std "
+        "in a short run.", valid=POSITIVE,
+    )
     unet_ch: int = doc_field(128, "U-Net base channels (the DDPM CIFAR-10/CelebA models: 128).", valid=Range(1, MAX_WIDTH))
     unet_ch_mult: tuple[int, ...] = doc_field((1, 2, 2, 2), "U-Net channel multipliers per resolution (CelebA: 1,2,2,2,4).", valid=Range(1, 64, items="1+"))
     unet_num_res_blocks: int = doc_field(2, "U-Net residual blocks per resolution.", valid=Range(1, 16))
@@ -367,6 +372,8 @@ class Config:
         need(not m.learn_variance_per_channel or (m.learn_variance and not self.is_toy), "model.learn_variance_per_channel",
              m.learn_variance_per_channel, "a std per channel needs model.learn_variance: true and an image set"
              if self.is_toy or not m.learn_variance else "")
+        need(m.variance_lr is None or m.learn_variance, "model.variance_lr", m.variance_lr,
+             "is the learned stds' learning rate: set model.learn_variance: true too, or leave it null")
         need(m.lora_alpha is None or m.lora_rank > 0, "model.lora_alpha", m.lora_alpha,
              "scales LoRA's adapters: set model.lora_rank > 0 too, or leave it null")
         if m.lora_rank > 0:

@@ -14,7 +14,7 @@ from sftrl.buffer import TransitionBatch
 from sftrl.config import PerfConfig
 from sftrl.diffusion.schedules import SamplingSchedule
 from sftrl.diffusion.step import Reduction
-from sftrl.diffusion.variance import step_stds
+from sftrl.diffusion.variance import LOG_STD_KEY, step_stds
 from sftrl.lora import is_adapted, merged_state
 from sftrl.perf import runner
 from sftrl.weights import (
@@ -58,6 +58,17 @@ def _frozen(module: nn.Module) -> nn.Module:
     return module
 
 
+def parameter_groups(policy: nn.Module, variance_lr: float | None) -> list[dict]:
+    """The trainable parameters of ``policy`` as Adam's groups: one, or with ``variance_lr`` a
+    second holding the learned step log-stds (``sftrl.diffusion.variance``) at that rate."""
+    trainable = [(name, p) for name, p in policy.named_parameters() if p.requires_grad]
+    is_std = [name.rsplit(".", 1)[-1] == LOG_STD_KEY for name, _ in trainable]
+    if variance_lr is None or not any(is_std):
+        return [{"params": [p for _, p in trainable]}]
+    return [{"params": [p for (_, p), std in zip(trainable, is_std) if not std]},
+            {"params": [p for (_, p), std in zip(trainable, is_std) if std], "lr": variance_lr}]
+
+
 class Learner:
     """Owns theta. ``update_policy`` runs one generator phase and bumps the weights version.
 
@@ -86,8 +97,10 @@ class Learner:
         lr_decay_phases: int | None = None,
         ema_decay: float = 0.0,
         perf: PerfConfig | None = None,
+        variance_lr: float | None = None,
     ):
-        """``perf``: how the sampler runs in policy steps (``sftrl.perf.runner``; None: float32, eager)."""
+        """``perf``: how the sampler runs in policy steps (``sftrl.perf.runner``; None: float32, eager).
+        ``variance_lr``: the learning rate of learned step log-stds (None: ``lr``)."""
         self.device = torch.device(device)
         # Eval mode: dropout would make the re-scored log-prob differ from the rollout's (the
         # ratio must be exactly 1 before an update); gradients flow all the same.
@@ -100,8 +113,7 @@ class Learner:
         self.published_keys = trainable if len(trainable) < sum(1 for _ in self.policy.parameters()) else None
         self.adapted = is_adapted(self.policy)
         self.base_version = 0  # bumped when a checkpoint's state (its frozen base too) is loaded
-        self.optimizer = torch.optim.Adam([p for p in self.policy.parameters() if p.requires_grad], lr=lr,
-                                          foreach=True)
+        self.optimizer = torch.optim.Adam(parameter_groups(self.policy, variance_lr), lr=lr, foreach=True)
         # Linear decay to 0 over ``lr_decay_phases`` generator phases (None: constant, the paper).
         self.lr_schedule = (
             torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda phase: max(0.0, 1.0 - phase / lr_decay_phases))

@@ -87,7 +87,7 @@ def test_the_digits_variants_summary_reads_fid_curves_and_their_drift(tmp_path):
                       "lora-r4": {"overrides": ["model.lora_rank=4"], "runs": [], "error": "peft missing"}})
     assert "| sft-pg | `(digits.yaml)` | 2 | 0: 18.00, 50: 7.00, 100: 6.00, 150: 7.80 | 7.00 ± 1.41 |" in table
     assert "failed: peft missing" in table
-    assert parse_variant("lora-r4") == ("lora-r4", ["model.lora_rank=4"])
+    assert parse_variant("lora-r4") == ("lora-r4", VARIANTS["lora-r4"])
     assert parse_variant("kl=algo.name=sft-pg-kl,algo.sft-pg-kl.beta=0.1") == ("kl", ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.1"])
     with pytest.raises(ValueError, match="NAME=KEY=VALUE"):
         parse_variant("no-such-variant")

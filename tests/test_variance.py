@@ -132,6 +132,31 @@ def test_the_policy_gradient_trains_the_std_with_eps_and_logs_it():
     assert_close(torch.tensor(logged), floored_std(torch.from_numpy(after), 1e-4)[1:], rtol=1e-6)
 
 
+def test_model_variance_lr_gives_the_stds_their_own_learning_rate():
+    cfg = load(SMOKE, ["model.learn_variance=true", "algo.policy_lr=1e-7", "model.variance_lr=1e-2",
+                       "algo.max_grad_norm=null"])
+    sampler = attach_variance(fresh_sampler(cfg, (2,)), cfg, (2,))
+    start = to_numpy_state(sampler)
+    init = InitState(start, (2,))
+    worker, learner = make_rollout_worker(cfg, init, 0), make_learner(cfg, init)
+    groups = learner.optimizer.param_groups
+    assert [g["lr"] for g in groups] == [1e-7, 1e-2] and len(groups[1]["params"]) == 1
+    critic = make_critic_learner(cfg, init, real_data=torch.randn(256, 2))
+    worker.set_policy_weights(start, 0)
+    worker.set_critic_weights(critic.get_weights().state["critic"], 0)
+    buf = ReplayBuffer()
+    buf.add_blocks(worker.rollout(2, 64))
+    learner.update_policy(buf.sample(1, 64, seed=0), Weights(0, critic.get_weights().state))
+    after = learner.get_weights().state
+    moved = {key: np.abs(after[key] - start[key]).max() for key in start}
+    # Adam's first step moves each parameter by about its group's lr
+    assert moved[LOG_STD_KEY] == pytest.approx(1e-2, rel=0.05)
+    assert max(v for key, v in moved.items() if key != LOG_STD_KEY) < 2e-7
+    with pytest.raises(ConfigError, match="'model.variance_lr' = 0.01 is invalid: is the learned stds' learning rate: "
+                       "set model.learn_variance: true too"):
+        load(SMOKE, ["model.variance_lr=1e-2"])
+
+
 def test_the_config_checks_the_floor_and_the_steps_it_starts_from():
     # The pretrained sampler is the same with and without learned variances: one cache entry.
     assert pretrain_key(load(SMOKE, ["model.learn_variance=true"])) == pretrain_key(load(SMOKE))
