@@ -49,7 +49,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("swissroll-t5", "swissroll-t2", "gaussian-t2")
-VARIANTS: dict[str, list[str]] = {"fixed": [], "learned": ["model.learn_variance=true"]}
+# Each variant says its variances outright, whatever the config ships (swissroll-t5 learns them).
+VARIANTS: dict[str, list[str]] = {"fixed": ["model.learn_variance=false"], "learned": ["model.learn_variance=true"]}
 # model.learn_variance starts each step's std at its sigma, and a deterministic step (sigma = 0:
 # FastDPM's and the posterior variance's last step) at diffusion.final_step_std, which must then
 # be above model.variance_floor: such configs get the paper's image-code value with it.
