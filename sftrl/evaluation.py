@@ -254,7 +254,7 @@ def build_image_evaluator(cfg, init, real=None):
     holds it (else it is loaded: a memory map of the decode cache, or the arrays)."""
     from sftrl.components import resolve_device
     from sftrl.data import load_real_data
-    from sftrl.models import build_unet
+    from sftrl.models import attach_variance, build_unet
     from sftrl.plan import Seeds, schedule_of
 
     extractor, reason = choose_extractor(cfg, init.data_shape)
@@ -263,7 +263,7 @@ def build_image_evaluator(cfg, init, real=None):
         real = np.empty((0, *init.data_shape), dtype=np.uint8)  # no FID: no reference set is read
     if real is None:
         real = load_real_data(cfg, progress=False)  # (N, C, H, W): its first FID_REAL_MAX are the reference
-    sampler = build_unet(cfg, init.data_shape)
+    sampler = attach_variance(build_unet(cfg, init.data_shape), cfg, init.data_shape)  # learned stds too
     if init.sampler_state is not None:
         load_numpy_state(sampler, init.sampler_state)
     settings = ImageEvalSettings(num_samples=cfg.trainer.eval_samples, seed=Seeds(cfg.seed).evaluation)

@@ -190,6 +190,27 @@ def test_a_run_learns_its_stds_resumes_and_samples_with_them(tmp_path, cache_dir
         assert z["x"].shape == (50, 2) and np.isfinite(z["x"]).all()
 
 
+def test_the_image_evaluator_samples_with_the_learned_stds(tmp_path, monkeypatch):
+    """The image evaluator builds its own U-Net: it carries the learned stds, loads them with the
+    learner's weights, and samples with them (a run on digits once failed here at its start)."""
+    from sftrl.evaluation import build_image_evaluator
+    from sftrl.metrics import fid
+
+    monkeypatch.setattr(fid, "inception_extractor_if_available", lambda *a, **k: None)
+    tiny = ["model.unet_ch=32", "model.unet_ch_mult=[1,2]", "model.unet_num_res_blocks=1", "model.unet_attn_resolutions=[]",
+            "trainer.eval_samples=6", f"pretrain.cache_dir={tmp_path / 'cache'}", "device=cpu"]
+    cfg = load(REPO / "configs" / "cifar10.yaml", [*tiny, "model.learn_variance=true", "diffusion.final_step_std=0.001"])
+    shape = (3, 16, 16)
+    sampler, _, _ = build_networks(cfg, shape)
+    state = to_numpy_state(sampler)
+    evaluator = build_image_evaluator(cfg, InitState(state, shape))  # no FID here: no data is read
+    assert np.array_equal(evaluator.sampler.step_log_std.detach().numpy(), state[LOG_STD_KEY])
+    first = evaluator.sample(state, 6, seed=0)
+    wider = {**state, LOG_STD_KEY: state[LOG_STD_KEY] + 1.0}  # every std about e times larger
+    second = evaluator.sample(wider, 6, seed=0)
+    assert np.isfinite(first).all() and not np.array_equal(first, second)
+
+
 def test_an_image_sampler_with_a_std_per_channel_exports_its_stds(tmp_path):
     from sftrl.export import export_diffusers
 
