@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import few_steps  # beside this script: the variant syntax both benchmarks take
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "digits.yaml"
 VARIANTS: dict[str, list[str]] = {
@@ -53,12 +55,7 @@ VARIANTS: dict[str, list[str]] = {
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
     """A ``VARIANTS`` name or ``NAME=KEY=VALUE[,KEY=VALUE...]``: (name, overrides)."""
-    if spec in VARIANTS:
-        return spec, list(VARIANTS[spec])
-    name, sep, overrides = spec.partition("=")
-    if not sep or not name or not overrides:
-        raise ValueError(f"variant {spec!r}: give one of {', '.join(VARIANTS)} or NAME=KEY=VALUE[,KEY=VALUE...]")
-    return name, [o for o in overrides.split(",") if o]
+    return few_steps.parse_variant(spec, VARIANTS)
 
 
 def merge(outputs: list[dict]) -> dict:

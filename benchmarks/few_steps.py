@@ -82,13 +82,15 @@ CANDIDATES: dict[str, list[str]] = {
 # -- the pure part: rows in, summaries and tables out -------------------------------------------
 
 
-def parse_variant(spec: str) -> tuple[str, list[str]]:
-    """``fixed`` / ``learned`` (``VARIANTS``) or ``NAME=KEY=VALUE[,KEY=VALUE...]``: (name, overrides)."""
-    if spec in VARIANTS:
-        return spec, list(VARIANTS[spec])
+def parse_variant(spec: str, known: Mapping[str, list[str]] | None = None) -> tuple[str, list[str]]:
+    """A name of ``known`` (default ``VARIANTS``: ``fixed`` / ``learned``) or
+    ``NAME=KEY=VALUE[,KEY=VALUE...]``: (name, overrides). ``digits_variants`` parses its own with it."""
+    known = VARIANTS if known is None else known
+    if spec in known:
+        return spec, list(known[spec])
     name, sep, overrides = spec.partition("=")
     if not sep or not name or not overrides:
-        raise ValueError(f"variant {spec!r}: give one of {', '.join(VARIANTS)} or NAME=KEY=VALUE[,KEY=VALUE...]")
+        raise ValueError(f"variant {spec!r}: give one of {', '.join(known)} or NAME=KEY=VALUE[,KEY=VALUE...]")
     return name, [o for o in overrides.split(",") if o]
 
 
