@@ -37,7 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import few_steps  # beside this script: the variant syntax both benchmarks take
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # as a script or as benchmarks.digits_variants
+import few_steps  # noqa: E402  (beside this script: the variant syntax both benchmarks take)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "digits.yaml"
@@ -163,10 +164,18 @@ def main() -> None:
     args = p.parse_args()
     command = "python benchmarks/digits_variants.py " + " ".join(sys.argv[1:])
     if args.merge:
+        outputs = []
+        for path in args.merge:
+            try:
+                out = json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                p.error(f"--merge {path}: not a readable JSON file ({err})")
+            if not isinstance(out, dict) or not isinstance(out.get("results"), dict):
+                p.error(f"--merge {path}: not a digits_variants output (it has no 'results' mapping)")
+            outputs.append(out)
         try:
-            outputs = [json.loads(path.read_text()) for path in args.merge]
             results = merge(outputs)
-        except (OSError, ValueError, KeyError) as err:
+        except (ValueError, KeyError, TypeError) as err:
             p.error(f"--merge: {err}")
         write(args.out, results, " ; ".join(o["command"] for o in outputs) + " ; " + command)
         print(markdown(results))

@@ -99,5 +99,11 @@ def test_the_digits_variants_summary_reads_fid_curves_and_their_drift(tmp_path):
     assert [r["seed"] for r in joined["sft-pg"]["runs"]] == [0, 1, 2]
     assert joined["sft-pg"]["summary"]["best_fid"]["values"] == [6.0, 5.0, 6.0]
     assert joined["lora-r4"]["error"] == "peft missing"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"x": 1}')
+    out = tmp_path / "out.json"
+    refused = run_cli(["benchmarks.digits_variants", "--merge", str(bad), "--out", str(out)])
+    assert refused.returncode == 2 and f"--merge {bad}: not a digits_variants output" in refused.stderr
+    assert not out.exists()  # nothing written
     with pytest.raises(ValueError, match="another name"):
         merge([first, {"results": {"sft-pg": {"overrides": ["x=1"], "runs": []}}}])
