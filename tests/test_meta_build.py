@@ -10,6 +10,7 @@ import torch
 
 from conftest import REPO
 from sftrl.config import load
+from sftrl.data import image_shape
 from sftrl.data.toy import TOY_DATASETS
 from sftrl.diffusion.variance import LOG_STD_KEY
 from sftrl.models import build_networks
@@ -27,8 +28,7 @@ OPTIONS = {
 def _shape(cfg) -> tuple[int, ...]:
     if cfg.data.name in TOY_DATASETS:
         return (2,)
-    size = cfg.data.image_size or {"digits": 8, "mnist": 28, "cifar10": 32, "celeba": 64}[cfg.data.name]
-    return (CHANNELS[cfg.data.name], size, size)
+    return image_shape(cfg, CHANNELS[cfg.data.name])
 
 
 def _cases():
