@@ -111,9 +111,21 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def run_row(config: str, variant: str, seed: int, report: Mapping, wall_s: float) -> dict:
+def sw2_curve(metrics_path: Path) -> list[tuple[int, float]]:
+    """``(iteration, SW2)`` of every evaluation a run's ``metrics.jsonl`` holds, in order."""
+    curve = []
+    for line in metrics_path.read_text().splitlines():
+        entry = json.loads(line)
+        if "eval/sw2_mean" in entry:
+            curve.append((int(entry["iteration"]), float(entry["eval/sw2_mean"])))
+    return curve
+
+
+def run_row(config: str, variant: str, seed: int, report: Mapping, wall_s: float,
+            curve: Sequence[tuple[int, float]] | None = None) -> dict:
     """One run's numbers from its ``report.json``: the first evaluation is the initial sampler,
-    the last the fine-tuned one; the floor is the run's own data-vs-data SW2."""
+    the last the fine-tuned one; the floor is the run's own data-vs-data SW2. ``curve``: every
+    evaluation (``sw2_curve``; default: the report's first and last)."""
     evaluations = report["evaluations"]
     initial, tuned = evaluations[0], evaluations[-1]
     floor = tuned["sw2_floor_mean"]
@@ -123,7 +135,7 @@ def run_row(config: str, variant: str, seed: int, report: Mapping, wall_s: float
         "floor": floor, "floor_std": tuned["sw2_floor_std"], "ratio": tuned["sw2_mean"] / floor,
         "exact_w2": tuned.get("exact_w2"), "iterations": report["iterations"], "wall_s": wall_s,
         "fine_tune_s": report["wall_s"], "pretrain": report["pretrain"],
-        "curve": [(e.get("iteration"), e["sw2_mean"]) for e in evaluations],
+        "curve": list(curve) if curve else [(e.get("iteration"), e["sw2_mean"]) for e in evaluations],
     }
 
 
@@ -267,7 +279,8 @@ def run_config(config: str, seeds: Sequence[int], variants: Sequence[tuple[str, 
             try:
                 report, wall = run_sftrl(config, [f"pretrain.cache_dir={cache_dir}", f"seed={seed}", *extra, *overrides],
                                          run_dir)
-                row = run_row(config, variant, seed, report, wall) | {"overrides": overrides}
+                row = run_row(config, variant, seed, report, wall, sw2_curve(run_dir / "metrics.jsonl"))
+                row |= {"overrides": overrides}
             except (RuntimeError, OSError, ValueError, KeyError, IndexError, ZeroDivisionError) as error:
                 row = {"config": config, "variant": variant, "seed": seed, "ok": False, "error": str(error)}
             print(json.dumps({k: v for k, v in row.items() if k != "curve"}, default=str)[:600], flush=True)

@@ -139,6 +139,8 @@ def make_critic_learner(cfg: Config, init: InitState, real_data: RealData | None
     _, critic, baseline = _networks(cfg, init)
     a = cfg.algo
     data = real_data if real_data is not None else load_real_data(cfg, progress=False)
+    if cfg.model.critic_input == "standardised":  # toy sets only (Config.validate): the whole set in memory
+        critic.fit_input(torch.as_tensor(data, dtype=torch.float32))
     return CriticLearner(
         critic,
         baseline,

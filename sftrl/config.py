@@ -96,6 +96,11 @@ class ModelConfig:
         (128, 128), "Toy critic: hidden widths (paper F.1: 128; the authors' code: 256).",
         valid=Range(1, MAX_WIDTH, items="1+"),
     )
+    critic_input: Literal["raw", "standardised"] = doc_field(
+        "raw", "Toy critic input: raw, or standardised by the training data's per-dimension mean and std "
+        "(measured once from the real data, kept in the critic's state). Standardised, the critic's first layer sees a "
+        "tight cluster (Appendix A's Gaussian, std 0.01) at unit scale instead of at 0.01."
+    )
     baseline_hidden: tuple[int, ...] = doc_field(
         (128, 128), "Baseline hidden widths (toy, the paper: (128, 128); images, the paper: (1024, 1024, 256)).",
         valid=Range(1, MAX_WIDTH, items="1+"),
@@ -374,6 +379,8 @@ class Config:
              if self.is_toy or not m.learn_variance else "")
         need(m.variance_lr is None or m.learn_variance, "model.variance_lr", m.variance_lr,
              "is the learned stds' learning rate: set model.learn_variance: true too, or leave it null")
+        need(m.critic_input == "raw" or self.is_toy, "model.critic_input", m.critic_input,
+             "standardises a 2-D toy set's coordinates; image data is already in [-1, 1]: use 'raw'")
         need(m.lora_alpha is None or m.lora_rank > 0, "model.lora_alpha", m.lora_alpha,
              "scales LoRA's adapters: set model.lora_rank > 0 too, or leave it null")
         if m.lora_rank > 0:

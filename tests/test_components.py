@@ -791,3 +791,46 @@ def test_cuda_device_through_ray_needs_a_gpu_share_for_every_actor():
     assert actor_config(cfg, 0.5).device == "cuda" and actor_config(cfg, 0.0).device == "cpu"
     explicit = load(REPO / "configs" / "smoke.yaml", ["device=cpu", "rollout.num_gpus_per_worker=0.5"])
     assert actor_config(explicit, 0.5).device == "cpu"
+
+
+def test_a_standardised_critic_sees_the_real_data_at_unit_scale_and_its_stats_travel_with_its_weights():
+    from sftrl.components import InitState, fresh_sampler, make_critic_learner, make_learner
+
+    cfg = load(REPO / "configs" / "gaussian-t2.yaml",
+               ["model.critic_input=standardised", "model.critic_hidden=[8]", "model.baseline_hidden=[8]"])
+    data = gaussian_cluster(2000, seed=0)  # centre (0.5, 0.5), std 0.01
+    critic_learner = make_critic_learner(cfg, InitState(None, (2,)), real_data=data)
+    critic = critic_learner.critic
+    assert_close(critic.input_mean, torch.as_tensor(data.mean(0), dtype=torch.float32), rtol=0, atol=1e-6)
+    assert_close(critic.input_std, torch.as_tensor(data.std(0, ddof=1), dtype=torch.float32), rtol=1e-4, atol=0)
+    x = torch.as_tensor(data[:16], dtype=torch.float32)
+    z = (x - critic.input_mean) / critic.input_std
+    assert 0.3 < float(z.std()) < 3.0  # the cluster at unit scale, not at 0.01
+    assert_close(critic(x), critic.net(z).squeeze(-1), rtol=1e-6, atol=1e-6)
+    # The learner's critic (built with identity stats) gets them with the published weights.
+    learner = make_learner(cfg, InitState(to_numpy_state(fresh_sampler(cfg, (2,))), (2,)))
+    assert torch.equal(learner.ctx.critic.input_std, torch.ones(2))
+    learner.set_critic_weights(critic_learner.get_weights())
+    assert torch.equal(learner.ctx.critic.input_mean, critic.input_mean)
+    assert torch.equal(learner.ctx.critic.input_std, critic.input_std)
+    # A raw critic keeps the state-dict keys of every checkpoint written before the option.
+    assert "input_mean" not in ToyCritic(hidden=(8,)).state_dict()
+    with pytest.raises(ValueError, match="built without input standardisation"):
+        ToyCritic(hidden=(8,)).fit_input(x)
+
+
+def test_input_stats_floor_a_constant_coordinate_and_refuse_too_few_samples():
+    from sftrl.models.toy import input_stats
+
+    mean, std = input_stats(torch.tensor([[1.0, 2.0], [3.0, 2.0]]), floor=1e-3)
+    assert_close(mean, torch.tensor([2.0, 2.0]))
+    assert_close(std, torch.tensor([2.0 ** 0.5, 1e-3]))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        input_stats(torch.ones(1, 2))
+
+
+def test_critic_input_standardised_is_refused_for_images():
+    from sftrl.configtools import ConfigError
+
+    with pytest.raises(ConfigError, match="'model.critic_input' = 'standardised' is invalid: standardises a 2-D toy"):
+        load(REPO / "configs" / "digits.yaml", ["model.critic_input=standardised"])

@@ -41,7 +41,7 @@ def test_a_shortened_run_of_each_config_completes(name, tmp_path):
     from sftrl.run import main as run_main
 
     run_dir = tmp_path / "run"  # in this process (ray.backend=local): no interpreter or Ray to start
-    code = run_main([str(REPO / "configs" / f"{name}.yaml"), *SHORT, f"pretrain.cache_dir={tmp_path / 'cache'}",
+    code = run_main([str(REPO / "configs" / f"{name}.yaml"), *SHORT, "trainer.eval_every=2", f"pretrain.cache_dir={tmp_path / 'cache'}",
                      "--run-dir", str(run_dir), "--no-progress"])
     assert code == 0
     report = json.loads((run_dir / "report.json").read_text())
@@ -50,7 +50,9 @@ def test_a_shortened_run_of_each_config_completes(name, tmp_path):
     assert (initial["iteration"], tuned["iteration"]) == (0, 4)
     assert tuned["sw2_floor_mean"] > 0 and tuned["sw2_mean"] > 0
     assert (run_dir / "sampling_paths.png").is_file()
-    row = few_steps.run_row(name, "fixed", 0, report, 12.5)
+    row = few_steps.run_row(name, "fixed", 0, report, 12.5, few_steps.sw2_curve(run_dir / "metrics.jsonl"))
+    assert [i for i, _ in row["curve"]] == [0, 2, 4]  # every evaluation, not only the first and last
+    assert row["curve"][-1][1] == tuned["sw2_mean"]
     assert row["ratio"] == pytest.approx(tuned["sw2_mean"] / tuned["sw2_floor_mean"])
     assert row["initial_sw2"] == initial["sw2_mean"] and row["wall_s"] == 12.5
 

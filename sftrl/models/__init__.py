@@ -49,7 +49,8 @@ def build_networks(cfg, data_shape: tuple[int, ...], *, learned_variance: bool =
             raise ValueError(f"the toy MLP sampler needs flat data, got shape {data_shape}")
         dim = data_shape[0]
         sampler: nn.Module = ToySampler(d.num_train_steps, dim=dim, hidden=cfg.model.hidden)
-        critic: nn.Module = ToyCritic(dim=dim, hidden=tuple(cfg.model.critic_hidden))
+        critic: nn.Module = ToyCritic(dim=dim, hidden=tuple(cfg.model.critic_hidden),
+                                      standardise=cfg.model.critic_input == "standardised")
         baseline: nn.Module = ToyBaseline(d.steps, dim=dim, hidden=tuple(cfg.model.baseline_hidden))
     elif cfg.model.sampler == "unet":
         sampler = build_unet(cfg, tuple(data_shape))

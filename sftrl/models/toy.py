@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+STD_FLOOR = 1e-8  # input_stats: the smallest std a standardised critic divides by
+
 
 class ConditionalLinear(nn.Module):
     """``linear(x) * embedding[step]``: ``x`` ``(B, in)``, ``step`` ``(B,)`` long -> ``(B, out)``."""
@@ -61,9 +63,17 @@ class ToySampler(nn.Module):
 
 
 class ToyCritic(nn.Module):
-    """c_alpha(x): ReLU MLP ``(B, dim) -> (B,)`` with ``len(hidden)`` hidden layers."""
+    """c_alpha(x): ReLU MLP ``(B, dim) -> (B,)`` with ``len(hidden)`` hidden layers.
 
-    def __init__(self, dim: int = 2, hidden: tuple[int, ...] = (256, 256)):
+    With ``standardise`` it first maps x to (x - mean) / std, with the buffers ``input_mean`` and
+    ``input_std`` ``(dim,)`` (identity until ``fit_input`` sets them from real data; they travel
+    with the critic's weights and checkpoints). Without it the state dict has no such keys.
+    """
+
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
+
+    def __init__(self, dim: int = 2, hidden: tuple[int, ...] = (256, 256), standardise: bool = False):
         super().__init__()
         layers: list[nn.Module] = []
         width = dim
@@ -72,9 +82,32 @@ class ToyCritic(nn.Module):
             width = h
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)
+        self.standardise = standardise
+        if standardise:
+            self.register_buffer("input_mean", torch.zeros(dim))
+            self.register_buffer("input_std", torch.ones(dim))
+
+    def fit_input(self, x: torch.Tensor) -> None:
+        """Set the standardisation from real samples ``x`` ``(N, dim)``."""
+        if not self.standardise:
+            raise ValueError("this critic was built without input standardisation (model.critic_input: raw)")
+        mean, std = input_stats(x.flatten(1))
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1)).squeeze(-1)
+        h = x.flatten(1)
+        if self.standardise:
+            h = (h - self.input_mean) / self.input_std
+        return self.net(h).squeeze(-1)
+
+
+def input_stats(x: torch.Tensor, floor: float = STD_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std ``(D,)`` of samples ``x`` ``(N, D)``; the std floored at ``floor``
+    (a constant coordinate would otherwise divide by 0)."""
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"need at least 2 samples of flat data (N, D) to standardise, got shape {tuple(x.shape)}")
+    return x.mean(0), x.std(0).clamp_min(floor)
 
 
 class ToyBaseline(nn.Module):
