@@ -26,8 +26,9 @@ from sftrl.handles import ComponentLost
 from sftrl.ledger import RunLedger
 
 # How long to wait for Ray to restart a rollout worker when none is left (a restart re-imports
-# torch and rebuilds the networks: seconds on an idle machine, much longer on a loaded one).
-WORKER_RESTART_WAIT_S = 120.0
+# torch and rebuilds the networks: seconds on an idle machine, and 100 s was measured on this
+# 2-core one with five runs beside it, so the wait leaves room for several times that).
+WORKER_RESTART_WAIT_S = 600.0
 # Rollout calls whose durations set how long the next may take before its worker counts as hung.
 RECENT_CALLS = 20
 
@@ -76,6 +77,9 @@ class RolloutPool:
         self.deaths_seen: dict[str, int] = {}  # per worker: the calls made when its last death was seen
         self.dead: dict[str, Future] = {}  # workers seen dead, by name: a probe that resolves once one is back
         self.call_seconds: collections.deque[float] = collections.deque(maxlen=RECENT_CALLS)
+        # Per worker restarted or seen dead: the number of its first call since (a fresh process
+        # warms up again, so that call gets the first-call wait, not the recent calls' multiple).
+        self.first_since_restart: dict[str, int] = {}
         # The sampler's frozen base (LoRA: ``Learner.get_base_weights``), passed with every call:
         # one object, which a worker loads once (and a restarted one again); None: no base.
         self.base: Future | None = None
@@ -115,13 +119,23 @@ class RolloutPool:
 
     # -- hung workers -----------------------------------------------------------------------
 
-    def call_timeout(self) -> float:
+    def call_timeout(self, first_call: bool = False) -> float:
         """How long a rollout call may take before its worker counts as hung: a multiple of the
-        recent calls' median, floored (before any call was timed: the multiple of the floor)."""
+        recent calls' median, floored. Before any call was timed, and for a worker's first call
+        after a restart (it re-imports and warms up): the multiple of the floor, if longer."""
         s = self.settings
+        first = s.call_timeout_multiple * s.call_timeout_floor_s
         if not self.call_seconds:
-            return s.call_timeout_multiple * s.call_timeout_floor_s
-        return max(s.call_timeout_floor_s, s.call_timeout_multiple * statistics.median(self.call_seconds))
+            return first
+        recent = max(s.call_timeout_floor_s, s.call_timeout_multiple * statistics.median(self.call_seconds))
+        return max(recent, first) if first_call else recent
+
+    def _is_first_since_restart(self, call: RolloutCall) -> bool:
+        return call.seq <= self.first_since_restart.get(call.worker.name, 0)
+
+    def _restarted(self, worker: WorkerClient) -> None:
+        """``worker`` was restarted (or died): its next call is a first call."""
+        self.first_since_restart[worker.name] = self.calls_made.get(worker.name, 0) + 1
 
     def watch(self, rollouts: Rollouts, iteration: int) -> None:
         """Wait for the calls up to ``call_timeout()``; a worker whose call is not back by then is
@@ -131,10 +145,10 @@ class RolloutPool:
         so by then it is at most one call into this one."""
         if not self.settings.call_timeout_multiple:
             return
-        limit = self.call_timeout()
-        deadline = time.monotonic() + limit
+        start = time.monotonic()
         for call in rollouts.calls:
-            if call.worker.wait(call.out[-1], max(0.0, deadline - time.monotonic())):
+            limit = self.call_timeout(first_call=self._is_first_since_restart(call))
+            if call.worker.wait(call.out[-1], max(0.0, start + limit - time.monotonic())):
                 continue
             detail = (f"{call.worker.name} did not return its rollout call (blocks {', '.join(call.ids)}) within "
                       f"{limit:.0f} s (rollout.call_timeout_multiple x the recent calls, at least "
@@ -142,6 +156,7 @@ class RolloutPool:
             print(f"warning: {detail}; restarting it and collecting its blocks elsewhere", file=sys.stderr, flush=True)
             self.ledger.event(iteration, "worker_hung", detail)
             call.worker.restart()
+            self._restarted(call.worker)
 
     # -- lost workers -----------------------------------------------------------------------
 
@@ -182,6 +197,7 @@ class RolloutPool:
         name = call.worker.name
         if name not in self.dead:
             self.dead[name] = call.worker.probe()
+            self._restarted(call.worker)
         if call.seq > self.deaths_seen.get(name, 0):  # made before this death was seen
             self.ledger.counters["worker_failures"] += 1
             self.ledger.event(iteration, "worker_lost", detail)

@@ -479,6 +479,53 @@ def test_a_hung_rollout_worker_is_restarted_and_its_blocks_collected_elsewhere(l
     system.shutdown()
 
 
+def test_the_only_rollout_worker_hung_is_restarted_and_given_time_to_warm_up(local_ray, tmp_path):
+    """With one worker nothing else can collect its blocks: the run waits for Ray to restart it,
+    and the fresh process's first call gets the first-call wait (it imports and warms up again)
+    instead of being restarted once more for being slower than the warm calls."""
+    from sftrl.distributed import build_ray_system
+
+    cfg = load(SMOKE, ["rollout.num_workers=1", "algo.n_critic=4", "rollout.call_timeout_multiple=3",
+                       "rollout.call_timeout_floor_s=5"])
+    init, _ = _init(cfg)
+    system = build_ray_system(cfg, init)
+    trainer = Trainer(cfg, system, tmp_path, progress=False)
+    for _ in range(3):
+        trainer.step()
+    victim = system.workers[0].placement()["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        for _ in range(3):
+            trainer.step()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+    events = [e["event"] for e in trainer.events]
+    assert events.count("worker_hung") == 1 and events.count("worker_lost") == 1
+    assert system.workers[0].placement()["pid"] != victim  # a fresh process collects
+    assert trainer.counters["blocks"] == 6 * 4
+    assert system.buffer.resolve(system.buffer.state())["blocks_added"] == 6 * 4
+    system.shutdown()
+
+
+def test_a_workers_first_call_after_a_restart_gets_the_first_call_wait():
+    from sftrl.config import RolloutConfig
+    from sftrl.ledger import RunLedger
+    from sftrl.rollout_pool import RolloutCall, RolloutPool
+
+    class Worker:
+        name = "worker-0"
+
+    pool = RolloutPool([Worker()], RolloutConfig(call_timeout_multiple=10, call_timeout_floor_s=60), 8, RunLedger())
+    assert pool.call_timeout() == 600  # nothing timed yet: every call is a first call
+    pool.call_seconds.extend([1.0, 2.0, 3.0])
+    assert pool.call_timeout() == 60 and pool.call_timeout(first_call=True) == 600
+    pool.calls_made["worker-0"] = 5
+    pool._restarted(Worker())
+    assert pool._is_first_since_restart(RolloutCall(Worker(), [], [], 6))
+    assert not pool._is_first_since_restart(RolloutCall(Worker(), [], [], 7))
+
+
 # ---------------------------------------------------------------------------- one line, not a traceback
 
 
