@@ -49,6 +49,8 @@ VARIANTS: dict[str, list[str]] = {
     # LoRA's update (alpha / r) B A starts at B = 0 and moves about 10x less per Adam step than a
     # fully fine-tuned weight at the same lr (each entry of A is about 1 / sqrt(fan_in)), so its lr is 10x.
     "lora-r4": ["model.lora_rank=4", "algo.policy_lr=1e-4"],
+    # At 150 iterations it is still improving; twice the iterations (twice the time).
+    "lora-r4-300": ["model.lora_rank=4", "algo.policy_lr=1e-4", "trainer.iterations=300"],
     # The log-stds at digits.yaml's policy lr (1e-5) would move by at most 0.015 in 1500 Adam steps.
     "learned-variance": ["model.learn_variance=true", "model.variance_lr=3e-4"],
 }
@@ -127,6 +129,14 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def failure_line(stderr: str) -> str:
+    """What a failed run said: its ``error:`` line where it printed one (Ray's worker logs may
+    follow it), else its last line."""
+    lines = stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    return errors[-1] if errors else (lines[-1] if lines else "")
+
+
 def run_one(overrides: list[str], seed: int, work: Path, cache_dir: str | None) -> dict:
     run_dir = work / f"run-{abs(hash((tuple(overrides), seed)))}"
     cmd = [sys.executable, "-m", "sftrl.run", str(CONFIG), *overrides, f"seed={seed}", "--run-dir", str(run_dir),
@@ -134,7 +144,7 @@ def run_one(overrides: list[str], seed: int, work: Path, cache_dir: str | None) 
     start = time.monotonic()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     if done.returncode != 0:
-        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+        raise RuntimeError(failure_line(done.stderr) or f"exit {done.returncode}")
     return {"seed": seed, "seconds": round(time.monotonic() - start, 1), **run_summary(fid_curve(run_dir / "metrics.jsonl"))}
 
 

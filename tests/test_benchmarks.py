@@ -61,6 +61,7 @@ def test_the_digits_variants_summary_reads_fid_curves_and_their_drift(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from digits_variants import (
         VARIANTS,
+        failure_line,
         fid_curve,
         markdown,
         merge,
@@ -73,6 +74,10 @@ def test_the_digits_variants_summary_reads_fid_curves_and_their_drift(tmp_path):
 
     for overrides in VARIANTS.values():  # every variant is a valid config
         load(REPO / "configs" / "digits.yaml", overrides)
+    # A failed run is known by its own error line, not by the Ray log lines printed after it.
+    assert failure_line("x\nerror: no rollout worker came back\n(ComponentActor) ray.exceptions.Boom\n") == \
+        "error: no rollout worker came back"
+    assert failure_line("Traceback ...\nValueError: bad\n") == "ValueError: bad" and failure_line("") == ""
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("\n".join(json.dumps(row) for row in (
         {"iteration": 0, "eval/fid": 18.0}, {"iteration": 10, "policy/policy_loss": 0.1},
