@@ -50,7 +50,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("swissroll-t5", "swissroll-t2", "gaussian-t2")
 # Each variant says its variances outright, whatever the config ships (swissroll-t5 learns them).
-VARIANTS: dict[str, list[str]] = {"fixed": ["model.learn_variance=false"], "learned": ["model.learn_variance=true"]}
+# "fixed" also clears model.variance_lr, which a config that learns its variances may set.
+VARIANTS: dict[str, list[str]] = {"fixed": ["model.learn_variance=false", "model.variance_lr=null"],
+                                  "learned": ["model.learn_variance=true"]}
 # model.learn_variance starts each step's std at its sigma, and a deterministic step (sigma = 0:
 # FastDPM's and the posterior variance's last step) at diffusion.final_step_std, which must then
 # be above model.variance_floor: such configs get the paper's image-code value with it.

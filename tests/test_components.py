@@ -797,7 +797,8 @@ def test_a_standardised_critic_sees_the_real_data_at_unit_scale_and_its_stats_tr
     from sftrl.components import InitState, fresh_sampler, make_critic_learner, make_learner
 
     cfg = load(REPO / "configs" / "gaussian-t2.yaml",
-               ["model.critic_input=standardised", "model.critic_hidden=[8]", "model.baseline_hidden=[8]"])
+               ["model.critic_input=standardised", "model.critic_hidden=[8]", "model.baseline_hidden=[8]",
+                "model.learn_variance=false", "model.variance_lr=null"])
     data = gaussian_cluster(2000, seed=0)  # centre (0.5, 0.5), std 0.01
     critic_learner = make_critic_learner(cfg, InitState(None, (2,)), real_data=data)
     critic = critic_learner.critic
