@@ -84,12 +84,7 @@ def merge(outputs: list[dict]) -> dict:
 
 def fid_curve(metrics_path: Path) -> list[tuple[int, float]]:
     """``(iteration, FID)`` of every evaluation a run's ``metrics.jsonl`` holds, in order."""
-    curve = []
-    for line in metrics_path.read_text().splitlines():
-        row = json.loads(line)
-        if "eval/fid" in row:
-            curve.append((int(row["iteration"]), float(row["eval/fid"])))
-    return curve
+    return few_steps.metric_curve(metrics_path, "eval/fid")
 
 
 def run_summary(curve: list[tuple[int, float]]) -> dict:

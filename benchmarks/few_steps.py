@@ -113,14 +113,19 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def sw2_curve(metrics_path: Path) -> list[tuple[int, float]]:
-    """``(iteration, SW2)`` of every evaluation a run's ``metrics.jsonl`` holds, in order."""
+def metric_curve(metrics_path: Path, key: str) -> list[tuple[int, float]]:
+    """``(iteration, value of key)`` of every entry of a run's ``metrics.jsonl`` that has ``key``, in order."""
     curve = []
     for line in metrics_path.read_text().splitlines():
         entry = json.loads(line)
-        if "eval/sw2_mean" in entry:
-            curve.append((int(entry["iteration"]), float(entry["eval/sw2_mean"])))
+        if key in entry:
+            curve.append((int(entry["iteration"]), float(entry[key])))
     return curve
+
+
+def sw2_curve(metrics_path: Path) -> list[tuple[int, float]]:
+    """``(iteration, SW2)`` of every evaluation a run's ``metrics.jsonl`` holds, in order."""
+    return metric_curve(metrics_path, "eval/sw2_mean")
 
 
 def run_row(config: str, variant: str, seed: int, report: Mapping, wall_s: float,
