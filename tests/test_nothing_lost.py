@@ -452,41 +452,14 @@ def test_sample_refuses_to_write_non_finite_samples(tmp_path, cache_dir):
 # ---------------------------------------------------------------------------- hung workers
 
 
-def test_a_hung_rollout_worker_is_restarted_and_its_blocks_collected_elsewhere(local_ray, tmp_path):
+def _hang_worker_0_mid_run(tmp_path, num_workers: int, floor_s: int):
+    """Three iterations of the smoke run on Ray, then worker 0 stopped (SIGSTOP: alive but stuck,
+    so Ray alone would wait on it forever) for three more. Returns the system (for the caller to
+    shut down), the trainer, the stopped worker's pid and the seconds the three iterations took."""
     from sftrl.distributed import build_ray_system
 
-    cfg = load(SMOKE, ["rollout.num_workers=2", "algo.n_critic=4", "rollout.call_timeout_multiple=3",
-                       "rollout.call_timeout_floor_s=2"])
-    init, _ = _init(cfg)
-    system = build_ray_system(cfg, init)
-    trainer = Trainer(cfg, system, tmp_path, progress=False)
-    for _ in range(3):
-        trainer.step()
-    victim = system.workers[0].placement()["pid"]
-    os.kill(victim, signal.SIGSTOP)  # alive but stuck: Ray alone would wait on it forever
-    try:
-        start = time.monotonic()
-        for _ in range(3):
-            trainer.step()
-        assert time.monotonic() - start < 60
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(victim, signal.SIGCONT)
-    events = [e["event"] for e in trainer.events]
-    assert "worker_hung" in events and "worker_lost" in events
-    assert trainer.counters["blocks"] == 6 * 4  # every block exactly once
-    assert system.buffer.resolve(system.buffer.state())["blocks_added"] == 6 * 4
-    system.shutdown()
-
-
-def test_the_only_rollout_worker_hung_is_restarted_and_given_time_to_warm_up(local_ray, tmp_path):
-    """With one worker nothing else can collect its blocks: the run waits for Ray to restart it,
-    and the fresh process's first call gets the first-call wait (it imports and warms up again)
-    instead of being restarted once more for being slower than the warm calls."""
-    from sftrl.distributed import build_ray_system
-
-    cfg = load(SMOKE, ["rollout.num_workers=1", "algo.n_critic=4", "rollout.call_timeout_multiple=3",
-                       "rollout.call_timeout_floor_s=5"])
+    cfg = load(SMOKE, [f"rollout.num_workers={num_workers}", "algo.n_critic=4", "rollout.call_timeout_multiple=3",
+                       f"rollout.call_timeout_floor_s={floor_s}"])
     init, _ = _init(cfg)
     system = build_ray_system(cfg, init)
     trainer = Trainer(cfg, system, tmp_path, progress=False)
@@ -495,17 +468,41 @@ def test_the_only_rollout_worker_hung_is_restarted_and_given_time_to_warm_up(loc
     victim = system.workers[0].placement()["pid"]
     os.kill(victim, signal.SIGSTOP)
     try:
+        start = time.monotonic()
         for _ in range(3):
             trainer.step()
+        seconds = time.monotonic() - start
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGCONT)
-    events = [e["event"] for e in trainer.events]
-    assert events.count("worker_hung") == 1 and events.count("worker_lost") == 1
-    assert system.workers[0].placement()["pid"] != victim  # a fresh process collects
-    assert trainer.counters["blocks"] == 6 * 4
-    assert system.buffer.resolve(system.buffer.state())["blocks_added"] == 6 * 4
-    system.shutdown()
+    return system, trainer, victim, seconds
+
+
+def test_a_hung_rollout_worker_is_restarted_and_its_blocks_collected_elsewhere(local_ray, tmp_path):
+    system, trainer, _, seconds = _hang_worker_0_mid_run(tmp_path, num_workers=2, floor_s=2)
+    try:
+        assert seconds < 60
+        events = [e["event"] for e in trainer.events]
+        assert "worker_hung" in events and "worker_lost" in events
+        assert trainer.counters["blocks"] == 6 * 4  # every block exactly once
+        assert system.buffer.resolve(system.buffer.state())["blocks_added"] == 6 * 4
+    finally:
+        system.shutdown()
+
+
+def test_the_only_rollout_worker_hung_is_restarted_and_given_time_to_warm_up(local_ray, tmp_path):
+    """With one worker nothing else can collect its blocks: the run waits for Ray to restart it,
+    and the fresh process's first call gets the first-call wait (it imports and warms up again)
+    instead of being restarted once more for being slower than the warm calls."""
+    system, trainer, victim, _ = _hang_worker_0_mid_run(tmp_path, num_workers=1, floor_s=5)
+    try:
+        events = [e["event"] for e in trainer.events]
+        assert events.count("worker_hung") == 1 and events.count("worker_lost") == 1
+        assert system.workers[0].placement()["pid"] != victim  # a fresh process collects
+        assert trainer.counters["blocks"] == 6 * 4
+        assert system.buffer.resolve(system.buffer.state())["blocks_added"] == 6 * 4
+    finally:
+        system.shutdown()
 
 
 def test_a_workers_first_call_after_a_restart_gets_the_first_call_wait():
