@@ -53,6 +53,10 @@ VARIANTS: dict[str, list[str]] = {
     "lora-r4-300": ["model.lora_rank=4", "algo.policy_lr=1e-4", "trainer.iterations=300"],
     # The log-stds at digits.yaml's policy lr (1e-5) would move by at most 0.015 in 1500 Adam steps.
     "learned-variance": ["model.learn_variance=true", "model.variance_lr=3e-4"],
+    # Evaluation on the moving average of the sampler's weights (updated once per iteration: 0.95
+    # averages about the last 20 of the 150), with and without the KL.
+    "sft-pg-ema": ["algo.ema_decay=0.95"],
+    "sft-pg-kl-ema": ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.01", "algo.sft-pg-kl.min_std=0.1", "algo.ema_decay=0.95"],
 }
 
 

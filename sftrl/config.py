@@ -206,7 +206,9 @@ class AlgoConfig:
         "constant", "Sampler learning rate over the run: constant (the paper) or linear decay to 0 at the last iteration."
     )
     ema_decay: float = doc_field(
-        0.0, "Decay of the moving average of the sampler weights that evaluation and `sftrl sample` use (0: none, use the last weights).",
+        0.0, "Decay of the moving average of the sampler weights that evaluation and `sftrl sample` use (0: none, use the last "
+        "weights). Updated once per iteration (after its generator phase), so it spans about the last 1 / (1 - decay) "
+        "iterations: 200 at 0.995 (the toy configs, thousands of iterations), 20 at 0.95.",
         valid=Range(0.0, 1.0, high_open=True, note="(0: no average)"),
     )
     ppo_clip: float = doc_field(0.2, "ppo: clip range of the importance (density) ratio pi / pi_behaviour.", valid=POSITIVE)
