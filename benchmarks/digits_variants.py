@@ -57,6 +57,8 @@ VARIANTS: dict[str, list[str]] = {
     # averages about the last 20 of the 150), with and without the KL.
     "sft-pg-ema": ["algo.ema_decay=0.95"],
     "sft-pg-kl-ema": ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.01", "algo.sft-pg-kl.min_std=0.1", "algo.ema_decay=0.95"],
+    "sft-pg-kl-b0.005-ema": ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.005", "algo.sft-pg-kl.min_std=0.1",
+                             "algo.ema_decay=0.95"],
 }
 
 
