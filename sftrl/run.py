@@ -38,6 +38,7 @@ from sftrl.preflight import (
     check_fid_weights,
     check_networks,
     resolve_config_path,
+    warn_if_average_lags,
     warn_if_in_a_job_copy,
 )
 from sftrl.resume import resume_state
@@ -123,6 +124,7 @@ def prepare(args: argparse.Namespace, started: float) -> Job:
                                      f"choose another --run-dir (or delete '{run_dir}')")
                 raise UsageError(f"run directory '{run_dir}' already holds a run: pass --resume auto to continue it")
         warn_if_in_a_job_copy(run_dir)
+        warn_if_average_lags(cfg)
     except BaseException:
         run.release()
         raise
