@@ -59,6 +59,8 @@ VARIANTS: dict[str, list[str]] = {
     "sft-pg-kl-ema": ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.01", "algo.sft-pg-kl.min_std=0.1", "algo.ema_decay=0.95"],
     "sft-pg-kl-b0.005-ema": ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.005", "algo.sft-pg-kl.min_std=0.1",
                              "algo.ema_decay=0.95"],
+    "sft-pg-kl-b0.003-ema": ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.003", "algo.sft-pg-kl.min_std=0.1",
+                             "algo.ema_decay=0.95"],
 }
 
 
