@@ -3,6 +3,7 @@
     python benchmarks/few_steps.py [--configs swissroll-t5 swissroll-t2 gaussian-t2] [--seeds 0 1 2]
         [--variants fixed learned] [--fine-tune-candidates] [--cache-dir DIR] [--set KEY=VALUE ...]
         [--out benchmarks/results/few-steps.json]
+    python benchmarks/few_steps.py --merge A.json B.json ... --out benchmarks/results/few-steps-X.json
 
 For each config (``configs/<name>.yaml``):
 - candidates: the initial SW2 of each candidate start at the config's T' (naive strided
@@ -30,7 +31,10 @@ runs: ``--set trainer.iterations=100 --set ray.backend=local``).
 Writes the JSON at ``--out``, a markdown table beside it (``.md``), and for each config the
 sampling paths of the initial and fine-tuned sampler of the first seed (Figure 7's picture, from
 the run's own ``sampling_paths.png``) as ``few-steps-<config>-paths.png`` beside it for the
-``fixed`` variant, ``few-steps-<config>-<variant>-paths.png`` for the others.
+``fixed`` variant, ``few-steps-<config>-<variant>-paths.png`` for the others. A run takes one core
+(``torch_threads: 1``), so one invocation per seed can share a machine; ``--merge`` joins their
+JSONs into one report (a later file's run of the same config, variant and seed replaces an earlier
+one) and runs nothing.
 """
 
 from __future__ import annotations
@@ -350,6 +354,57 @@ def markdown(result: Mapping) -> str:
     return "\n".join(md)
 
 
+def merge(outputs: Sequence[Mapping], note: str = "") -> dict:
+    """Several outputs joined into one: runs by (config, variant, seed) in first-seen order, a later
+    output's run replacing an earlier one (a rerun, or a run stopped by hand and written in as a failed
+    row); candidates and pictures joined; summaries recomputed; wall times summed; ``note`` or theirs."""
+    rows: dict[tuple, dict] = {}
+    result: dict = {"note": note, "configs": [], "seeds": [], "variants": {}, "set": [], "target_ratio": TARGET_RATIO,
+                    "fine_tune_candidates": False, "candidates": [], "pictures": {}, "benchmark_wall_s": 0.0,
+                    "commands": []}
+    for out in outputs:
+        for row in out["runs"]:
+            rows[(row["config"], row["variant"], row["seed"])] = row
+        result["configs"] += [c for c in out["configs"] if c not in result["configs"]]
+        result["seeds"] = sorted(set(result["seeds"]) | set(out["seeds"]))
+        result["variants"].update(out["variants"])
+        result["set"] += [s for s in out["set"] if s not in result["set"]]
+        result["fine_tune_candidates"] |= bool(out.get("fine_tune_candidates"))
+        result["candidates"] += out.get("candidates", [])
+        for config, names in out.get("pictures", {}).items():
+            result["pictures"].setdefault(config, {}).update(names)
+        result["benchmark_wall_s"] += out.get("benchmark_wall_s", 0.0)
+        result["commands"] += out.get("commands", [])
+    result["note"] = note or " ".join(o["note"] for o in outputs if o.get("note"))
+    result["runs"] = list(rows.values())
+    result["summary"] = summarise(result["runs"])
+    return result
+
+
+def read_output(path: Path) -> dict:
+    """A few_steps JSON (ValueError naming the file and what it lacks)."""
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable JSON file ({error})") from None
+    missing = [k for k in ("runs", "configs", "seeds", "variants", "set") if not isinstance(out, dict) or k not in out]
+    if missing:
+        raise ValueError(f"{path}: not a few_steps output (no {', '.join(repr(k) for k in missing)})")
+    return out
+
+
+def write(out: Path, result: Mapping, markdown_only: bool = False) -> str:
+    """The JSON at ``out`` (unless ``markdown_only``) and its markdown beside it, each written whole or
+    not at all; returns the markdown."""
+    from sftrl.files import write_atomic
+
+    md = markdown(result)
+    if not markdown_only:
+        write_atomic(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2, default=str)))
+    write_atomic(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md))
+    return md
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="configs/<name>.yaml to run")
@@ -366,11 +421,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="a sentence for the table: what these runs are")
     parser.add_argument("--markdown-only", action="store_true",
                         help="run nothing: write the markdown table of the JSON already at --out")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="run nothing: join these outputs (e.g. one per seed, run side by side) into --out")
     args = parser.parse_args(argv)
+    command = "python benchmarks/few_steps.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.merge:
+        try:
+            result = merge([read_output(path) for path in args.merge], args.note)
+        except ValueError as error:
+            parser.error(f"--merge {error}")
+        result["commands"].append(command)
+        print(write(Path(args.out), result))
+        return 0
     if args.markdown_only:
-        md = markdown(json.loads(Path(args.out).read_text()))
-        Path(args.out).with_suffix(".md").write_text(md)
-        print(md)
+        try:
+            result = read_output(Path(args.out))
+        except ValueError as error:
+            parser.error(f"--markdown-only {error}")
+        print(write(Path(args.out), result, markdown_only=True))
         return 0
     try:
         variants = [parse_variant(spec) for spec in args.variants]
@@ -399,11 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "target_ratio": TARGET_RATIO, "fine_tune_candidates": args.fine_tune_candidates,
               "summary": summarise(rows), "runs": rows, "candidates": candidates,
               "pictures": {c: p for c, p in pictures.items() if p},
-              "benchmark_wall_s": time.monotonic() - start}
-    out.write_text(json.dumps(result, indent=2, default=str))
-    md = markdown(result)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+              "benchmark_wall_s": time.monotonic() - start, "commands": [command]}
+    print(write(out, result))
     return 0
 
 

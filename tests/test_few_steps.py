@@ -143,3 +143,40 @@ def test_the_benchmark_records_a_failing_variant_and_goes_on(tmp_path):
     assert report["pictures"] == {"gaussian-t2": {"fixed": "few-steps-gaussian-t2-paths.png"}}
     assert (out.parent / "few-steps-gaussian-t2-paths.png").is_file()
     assert "| gaussian-t2 | broken | 0 of 1 | failed:" in out.with_suffix(".md").read_text()
+
+
+def test_outputs_run_side_by_side_merge_into_one_report(tmp_path):
+    def output(rows, seeds, note, wall):
+        return {"note": note, "configs": ["gaussian-t2"], "seeds": seeds, "variants": {"lr": ["algo.policy_lr=1e-4"]},
+                "set": ["ray.backend=local"], "runs": rows, "candidates": [], "benchmark_wall_s": wall,
+                "pictures": {"gaussian-t2": {"lr": "few-steps-gaussian-t2-lr-paths.png"}} if 0 in seeds else {},
+                "commands": [f"python benchmarks/few_steps.py --seeds {seeds[0]}"]}
+
+    stopped = {"config": "gaussian-t2", "variant": "lr", "seed": 1, "ok": False, "error": "stopped by hand"}
+    first = output([made_up_row("gaussian-t2", "lr", 0, 0.0003, 0.0002, 100.0), stopped], [0, 1], "first.", 100.0)
+    rerun = output([made_up_row("gaussian-t2", "lr", 1, 0.0004, 0.0002, 120.0)], [1], "", 120.0)
+    third = output([made_up_row("gaussian-t2", "lr", 2, 0.0002, 0.0002, 90.0)], [2], "", 90.0)
+    joined = few_steps.merge([first, rerun, third])
+    assert [(r["seed"], r["ok"]) for r in joined["runs"]] == [(0, True), (1, True), (2, True)]  # the rerun replaces
+    (summary,) = joined["summary"]
+    assert summary["seeds"] == [0, 1, 2] and summary["failed"] == {} and summary["ratio_mean"] == pytest.approx(1.5)
+    assert joined["seeds"] == [0, 1, 2] and joined["set"] == ["ray.backend=local"] and joined["note"] == "first."
+    assert joined["benchmark_wall_s"] == 310.0 and len(joined["commands"]) == 3
+    assert joined["pictures"] == {"gaussian-t2": {"lr": "few-steps-gaussian-t2-lr-paths.png"}}
+    assert few_steps.merge([first], note="mine")["note"] == "mine"
+
+    paths = []
+    for i, out in enumerate((first, rerun, third)):
+        paths.append(tmp_path / f"part-{i}.json")
+        paths[-1].write_text(json.dumps(out))
+    merged = tmp_path / "merged.json"
+    done = run_cli(["benchmarks.few_steps", "--merge", *map(str, paths), "--out", str(merged)], cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(merged.read_text())["summary"][0]["seeds"] == [0, 1, 2]
+    assert "| gaussian-t2 | lr | 3 |" in merged.with_suffix(".md").read_text()
+    # a file that is not a few_steps output is named, and nothing is written
+    (tmp_path / "bad.json").write_text('{"results": {}}')
+    refused = run_cli(["benchmarks.few_steps", "--merge", str(paths[0]), str(tmp_path / "bad.json"),
+                       "--out", str(tmp_path / "none.json")], cwd=REPO)
+    assert refused.returncode == 2 and "bad.json: not a few_steps output (no 'runs'" in refused.stderr
+    assert not (tmp_path / "none.json").exists()
