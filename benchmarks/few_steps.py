@@ -16,8 +16,9 @@ For each config (``configs/<name>.yaml``):
   variant, in a subprocess (Ray in-process, as a user runs it). Each run reports its initial and
   fine-tuned SW2 and the data-vs-data noise floor of the same evaluation (``sw2_floor_mean``:
   SW2 between two independent draws of the data, measured once per run), their ratio, and wall
-  times. A run that fails (for example a variant whose option this sftrl lacks) is recorded with
-  its error and the rest go on.
+  times. A run that fails (for example a variant whose option this sftrl lacks, or one stopped by
+  hand) is recorded with its error, the SW2 curve it reached and where its folder is kept
+  (``--keep-failed``, default ``runs/few-steps-failed/``), and the rest go on.
 Variants are override sets: ``fixed`` (the config as written, the paper's fixed step variances),
 ``learned`` (``model.learn_variance=true``; where the config's schedule has a deterministic step,
 with ``diffusion.final_step_std=0.001`` as its starting std, the paper's image-code value), or
@@ -63,6 +64,9 @@ VARIANTS: dict[str, list[str]] = {"fixed": ["model.learn_variance=false", "model
 LEARNED_FINAL_STEP_STD = 0.001
 # The issue's target: fine-tuned SW2 at most this many times the run's own data noise floor.
 TARGET_RATIO = 1.5
+# Where a failed or stopped run's folder goes (it would go with the temporary directory): under the
+# repository's runs/, which git ignores.
+KEEP_FAILED = REPO / "runs" / "few-steps-failed"
 
 # Candidate starts at S = T' steps: overrides on top of the config (same data, networks and
 # pretraining budget). "{S}" is the config's diffusion.steps.
@@ -240,6 +244,22 @@ def run_sftrl(config: str, overrides: list[str], run_dir: Path) -> tuple[dict, f
     return json.loads((run_dir / "report.json").read_text()), wall
 
 
+def keep_failed_run(run_dir: Path, keep_dir: Path) -> dict:
+    """A failed (or stopped) run's folder moved out of the benchmark's temporary directory into
+    ``keep_dir`` (its metrics, checkpoints and logs are what tells why it failed), with the SW2 curve
+    it reached: ``{"kept_at", "curve"}``, or ``{}`` where the run made no folder."""
+    if not run_dir.is_dir():
+        return {}
+    keep_dir.mkdir(parents=True, exist_ok=True)
+    target, n = keep_dir / run_dir.name, 1
+    while target.exists():
+        n += 1
+        target = keep_dir / f"{run_dir.name}-{n}"
+    shutil.move(str(run_dir), target)
+    metrics = target / "metrics.jsonl"
+    return {"kept_at": str(target), "curve": sw2_curve(metrics) if metrics.is_file() else []}
+
+
 def candidate_overrides(config: str, extra: Sequence[str]) -> dict[str, list[str]]:
     """Each candidate start's overrides for ``config`` (``{S}`` filled with its steps)."""
     from sftrl.config import load
@@ -274,8 +294,10 @@ def score_candidate(config: str, overrides: list[str]) -> dict:
 
 
 def run_config(config: str, seeds: Sequence[int], variants: Sequence[tuple[str, list[str]]], extra: list[str],
-               cache_dir: str, workdir: Path, out_dir: Path) -> tuple[list[dict], dict[str, str]]:
-    """Every (variant, seed) run of ``config``; returns the rows and the pictures written."""
+               cache_dir: str, workdir: Path, out_dir: Path, keep_dir: Path = KEEP_FAILED,
+               ) -> tuple[list[dict], dict[str, str]]:
+    """Every (variant, seed) run of ``config``; returns the rows and the pictures written. A run that
+    fails keeps its folder in ``keep_dir`` (``keep_failed_run``)."""
     from sftrl.config import load
     from sftrl.plan import schedule_of
 
@@ -293,7 +315,8 @@ def run_config(config: str, seeds: Sequence[int], variants: Sequence[tuple[str, 
                 row = run_row(config, variant, seed, report, wall, sw2_curve(run_dir / "metrics.jsonl"))
                 row |= {"overrides": overrides}
             except (RuntimeError, OSError, ValueError, KeyError, IndexError, ZeroDivisionError) as error:
-                row = {"config": config, "variant": variant, "seed": seed, "ok": False, "error": str(error)}
+                row = {"config": config, "variant": variant, "seed": seed, "ok": False, "error": str(error),
+                       "overrides": overrides, **keep_failed_run(run_dir, keep_dir)}
             print(json.dumps({k: v for k, v in row.items() if k != "curve"}, default=str)[:600], flush=True)
             rows.append(row)
             paths = run_dir / "sampling_paths.png"
@@ -421,6 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="a sentence for the table: what these runs are")
     parser.add_argument("--markdown-only", action="store_true",
                         help="run nothing: write the markdown table of the JSON already at --out")
+    parser.add_argument("--keep-failed", default=str(KEEP_FAILED), metavar="DIR",
+                        help="where a failed or stopped run's folder is kept (default: runs/few-steps-failed)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                         help="run nothing: join these outputs (e.g. one per seed, run side by side) into --out")
     args = parser.parse_args(argv)
@@ -458,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache_dir = args.cache_dir or str(workdir / "cold-cache")
         for config in args.configs:
             config_rows, pictures[config] = run_config(config, args.seeds, variants, args.set, cache_dir, workdir,
-                                                       out.parent)
+                                                       out.parent, Path(args.keep_failed))
             rows += config_rows
             if not args.no_candidates:
                 fine_tune = (args.seeds[0], variants[0][1]) if args.fine_tune_candidates else None

@@ -134,7 +134,8 @@ def test_the_benchmark_records_a_failing_variant_and_goes_on(tmp_path):
     out = tmp_path / "results" / "few-steps.json"
     result = run_cli(["benchmarks.few_steps", "--configs", "gaussian-t2", "--seeds", "0", "--variants", "fixed",
                       "broken=model.no_such_key=1", "--no-candidates", "--cache-dir", str(tmp_path / "cache"),
-                      *[f"--set={o}" for o in SHORT], "--out", str(out)], cwd=REPO, timeout=300)
+                      *[f"--set={o}" for o in SHORT], "--out", str(out), "--keep-failed", str(tmp_path / "failed")],
+                     cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     fixed, broken = report["summary"]
@@ -180,3 +181,16 @@ def test_outputs_run_side_by_side_merge_into_one_report(tmp_path):
                        "--out", str(tmp_path / "none.json")], cwd=REPO)
     assert refused.returncode == 2 and "bad.json: not a few_steps output (no 'runs'" in refused.stderr
     assert not (tmp_path / "none.json").exists()
+
+
+def test_a_failed_runs_folder_is_kept_with_the_curve_it_reached(tmp_path):
+    run_dir = tmp_path / "work" / "gaussian-t2-lr-0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in (
+        {"iteration": 0, "eval/sw2_mean": 0.26}, {"iteration": 50, "policy/grad_norm": 4.5e4},
+        {"iteration": 500, "eval/sw2_mean": 0.01})) + "\n")
+    (tmp_path / "keep" / "gaussian-t2-lr-0").mkdir(parents=True)  # an earlier invocation's: not overwritten
+    kept = few_steps.keep_failed_run(run_dir, tmp_path / "keep")
+    assert kept == {"kept_at": str(tmp_path / "keep" / "gaussian-t2-lr-0-2"), "curve": [(0, 0.26), (500, 0.01)]}
+    assert not run_dir.exists() and (tmp_path / "keep" / "gaussian-t2-lr-0-2" / "metrics.jsonl").is_file()
+    assert few_steps.keep_failed_run(tmp_path / "work" / "never-made", tmp_path / "keep") == {}
