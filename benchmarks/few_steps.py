@@ -49,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,10 +244,12 @@ def run_sftrl(config: str, overrides: list[str], run_dir: Path) -> tuple[dict, f
     return json.loads((run_dir / "report.json").read_text()), wall
 
 
-def keep_failed_run(run_dir: Path, keep_dir: Path) -> dict:
+def keep_failed_run(run_dir: Path, keep_dir: Path,
+                    curve: Callable[[Path], list[tuple[int, float]]] = sw2_curve) -> dict:
     """A failed (or stopped) run's folder moved out of the benchmark's temporary directory into
-    ``keep_dir`` (its metrics, checkpoints and logs are what tells why it failed), with the SW2 curve
-    it reached: ``{"kept_at", "curve"}``, or ``{}`` where the run made no folder."""
+    ``keep_dir`` (its metrics, checkpoints and logs are what tells why it failed), with the curve
+    it reached (``curve`` of its metrics.jsonl): ``{"kept_at", "curve"}``, or ``{}`` where the run
+    made no folder."""
     if not run_dir.is_dir():
         return {}
     keep_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +259,7 @@ def keep_failed_run(run_dir: Path, keep_dir: Path) -> dict:
         target = keep_dir / f"{run_dir.name}-{n}"
     shutil.move(str(run_dir), target)
     metrics = target / "metrics.jsonl"
-    return {"kept_at": str(target), "curve": sw2_curve(metrics) if metrics.is_file() else []}
+    return {"kept_at": str(target), "curve": curve(metrics) if metrics.is_file() else []}
 
 
 def candidate_overrides(config: str, extra: Sequence[str]) -> dict[str, list[str]]:

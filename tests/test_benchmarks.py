@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,25 @@ def test_the_digits_variants_summary_reads_fid_curves_and_their_drift(tmp_path):
     assert not out.exists()  # nothing written
     with pytest.raises(ValueError, match="another name"):
         merge([first, {"results": {"sft-pg": {"overrides": ["x=1"], "runs": []}}}])
+
+
+def test_a_failed_digits_run_keeps_its_folder_and_names_it(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import digits_variants
+
+    def fails_after_one_evaluation(cmd, **kwargs):
+        run_dir = Path(cmd[cmd.index("--run-dir") + 1])
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"iteration": 0, "eval/fid": 18.0}) + "\n")
+        return subprocess.CompletedProcess(cmd, 1, "", "error: 13 non-finite critic updates in a row\n")
+
+    monkeypatch.setattr(digits_variants.subprocess, "run", fails_after_one_evaluation)
+    monkeypatch.setattr(digits_variants, "KEEP_FAILED", tmp_path / "kept")
+    with pytest.raises(RuntimeError) as failed:
+        digits_variants.run_one(["algo.policy_lr=1"], 0, tmp_path / "work", None)
+    (kept,) = (tmp_path / "kept").iterdir()
+    assert str(failed.value) == f"error: 13 non-finite critic updates in a row (FID 0: 18.00; its folder: {kept})"
+    assert (kept / "metrics.jsonl").is_file() and not any((tmp_path / "work").iterdir())
