@@ -32,7 +32,8 @@ runs: ``--set trainer.iterations=100 --set ray.backend=local``).
 Writes the JSON at ``--out``, a markdown table beside it (``.md``), and for each config the
 sampling paths of the initial and fine-tuned sampler of the first seed (Figure 7's picture, from
 the run's own ``sampling_paths.png``) as ``few-steps-<config>-paths.png`` beside it for the
-``fixed`` variant, ``few-steps-<config>-<variant>-paths.png`` for the others. A run takes one core
+``fixed`` variant, ``few-steps-<config>-<variant>-paths.png`` for the others (``-seed<S>`` added
+when the first seed is not 0). A run takes one core
 (``torch_threads: 1``), so one invocation per seed can share a machine; ``--merge`` joins their
 JSONs into one report (a later file's run of the same config, variant and seed replaces an earlier
 one) and runs nothing.
@@ -323,7 +324,8 @@ def run_config(config: str, seeds: Sequence[int], variants: Sequence[tuple[str, 
             rows.append(row)
             paths = run_dir / "sampling_paths.png"
             if seed == seeds[0] and row["ok"] and paths.is_file():
-                suffix = "" if variant == "fixed" else f"-{variant}"
+                # seed 0's under the plain name; another seed's named (one invocation per seed, side by side)
+                suffix = ("" if variant == "fixed" else f"-{variant}") + (f"-seed{seed}" if seed else "")
                 target = out_dir / f"few-steps-{config}{suffix}-paths.png"
                 shutil.copyfile(paths, target)
                 pictures[variant] = target.name
@@ -375,7 +377,8 @@ def markdown(result: Mapping) -> str:
     if result.get("note"):
         md += [f"Note: {result['note']}", ""]
     md += [f"Seeds {' '.join(map(str, result['seeds']))}; overrides on every run: "
-           f"{' '.join(result['set']) or 'none'}. Benchmark wall time: {result['benchmark_wall_s']:.0f} s.", ""]
+           f"{' '.join(result['set']) or 'none'}. Benchmark wall time: {result['benchmark_wall_s']:.0f} s"
+           + (f", summed over {result['merged']} merged outputs." if result.get("merged", 1) > 1 else "."), ""]
     return "\n".join(md)
 
 
@@ -403,6 +406,7 @@ def merge(outputs: Sequence[Mapping], note: str = "") -> dict:
     result["note"] = note or " ".join(o["note"] for o in outputs if o.get("note"))
     result["runs"] = list(rows.values())
     result["summary"] = summarise(result["runs"])
+    result["merged"] = len(outputs)
     return result
 
 
