@@ -158,7 +158,8 @@ def run_one(overrides: list[str], seed: int, work: Path, cache_dir: str | None) 
     if done.returncode != 0:
         kept = few_steps.keep_failed_run(run_dir, KEEP_FAILED, fid_curve)
         curve = ", ".join(f"{i}: {fid:.2f}" for i, fid in kept.get("curve", []))
-        where = f" (FID {curve or 'none yet'}; its folder: {kept['kept_at']})" if kept else ""
+        where = (f" (FID {curve or 'none yet'}; its folder: {kept['kept_at']})" if kept.get("kept_at")
+                 else f" ({kept['keep_error']})" if kept else "")
         raise RuntimeError((failure_line(done.stderr) or f"exit {done.returncode}") + where)
     return {"seed": seed, "seconds": round(time.monotonic() - start, 1), **run_summary(fid_curve(run_dir / "metrics.jsonl"))}
 

@@ -253,12 +253,15 @@ def keep_failed_run(run_dir: Path, keep_dir: Path,
     made no folder."""
     if not run_dir.is_dir():
         return {}
-    keep_dir.mkdir(parents=True, exist_ok=True)
     target, n = keep_dir / run_dir.name, 1
     while target.exists():
         n += 1
         target = keep_dir / f"{run_dir.name}-{n}"
-    shutil.move(str(run_dir), target)
+    try:
+        keep_dir.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(run_dir), target)
+    except OSError as error:  # the benchmark goes on; the row says why the folder is not kept
+        return {"kept_at": None, "keep_error": f"could not keep {run_dir} in {keep_dir}: {error}"}
     metrics = target / "metrics.jsonl"
     return {"kept_at": str(target), "curve": curve(metrics) if metrics.is_file() else []}
 

@@ -194,3 +194,8 @@ def test_a_failed_runs_folder_is_kept_with_the_curve_it_reached(tmp_path):
     assert kept == {"kept_at": str(tmp_path / "keep" / "gaussian-t2-lr-0-2"), "curve": [(0, 0.26), (500, 0.01)]}
     assert not run_dir.exists() and (tmp_path / "keep" / "gaussian-t2-lr-0-2" / "metrics.jsonl").is_file()
     assert few_steps.keep_failed_run(tmp_path / "work" / "never-made", tmp_path / "keep") == {}
+    # a folder that cannot be kept is said in the row; the benchmark goes on
+    (tmp_path / "work" / "again").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    kept = few_steps.keep_failed_run(tmp_path / "work" / "again", tmp_path / "file" / "keep")
+    assert kept["kept_at"] is None and "could not keep" in kept["keep_error"]
