@@ -464,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = merge([read_output(path) for path in args.merge], args.note)
         except ValueError as error:
             parser.error(f"--merge {error}")
+        except (KeyError, TypeError, AttributeError) as error:  # a row or field of the wrong shape
+            parser.error(f"--merge: a file's runs are not few_steps rows ({type(error).__name__}: {error})")
         result["commands"].append(command)
         print(write(Path(args.out), result))
         return 0
