@@ -158,8 +158,11 @@ def run_one(overrides: list[str], seed: int, work: Path, cache_dir: str | None) 
     if done.returncode != 0:
         kept = few_steps.keep_failed_run(run_dir, KEEP_FAILED, fid_curve)
         curve = ", ".join(f"{i}: {fid:.2f}" for i, fid in kept.get("curve", []))
-        where = (f" (FID {curve or 'none yet'}; its folder: {kept['kept_at']})" if kept.get("kept_at")
-                 else f" ({kept['keep_error']})" if kept else "")
+        where = ""
+        if kept.get("kept_at"):
+            where = f" (FID {curve or 'none yet'}; its folder: {kept['kept_at']})"
+        elif kept:
+            where = f" ({kept['keep_error']})"
         raise RuntimeError((failure_line(done.stderr) or f"exit {done.returncode}") + where)
     return {"seed": seed, "seconds": round(time.monotonic() - start, 1), **run_summary(fid_curve(run_dir / "metrics.jsonl"))}
 
