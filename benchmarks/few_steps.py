@@ -390,7 +390,7 @@ def merge(outputs: Sequence[Mapping], note: str = "") -> dict:
     output's run replacing an earlier one (a rerun, or a run stopped by hand and written in as a failed
     row); candidates and pictures joined; summaries recomputed; wall times summed; ``note`` or theirs."""
     rows: dict[tuple, dict] = {}
-    result: dict = {"note": note, "configs": [], "seeds": [], "variants": {}, "set": [], "target_ratio": TARGET_RATIO,
+    result: dict = {"configs": [], "seeds": [], "variants": {}, "set": [], "target_ratio": TARGET_RATIO,
                     "fine_tune_candidates": False, "candidates": [], "pictures": {}, "benchmark_wall_s": 0.0,
                     "commands": []}
     for out in outputs:
@@ -459,6 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run nothing: join these outputs (e.g. one per seed, run side by side) into --out")
     args = parser.parse_args(argv)
     command = "python benchmarks/few_steps.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    for path in (Path(args.out), Path(args.out).with_suffix(".md")):  # before hours of runs, not after
+        if path.is_dir():
+            parser.error(f"--out {args.out}: {path} is a directory; give the path of a .json file to write")
     if args.merge:
         try:
             result = merge([read_output(path) for path in args.merge], args.note)

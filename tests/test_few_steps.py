@@ -181,6 +181,10 @@ def test_outputs_run_side_by_side_merge_into_one_report(tmp_path):
                        "--out", str(tmp_path / "none.json")], cwd=REPO)
     assert refused.returncode == 2 and "bad.json: not a few_steps output (no 'runs'" in refused.stderr
     assert not (tmp_path / "none.json").exists()
+    # an --out that is a directory is refused before anything runs or is written
+    (tmp_path / "adir").mkdir()
+    refused = run_cli(["benchmarks.few_steps", "--merge", str(paths[0]), "--out", str(tmp_path / "adir")], cwd=REPO)
+    assert refused.returncode == 2 and "is a directory; give the path of a .json file" in refused.stderr
 
 
 def test_a_failed_runs_folder_is_kept_with_the_curve_it_reached(tmp_path):
