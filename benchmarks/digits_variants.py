@@ -192,6 +192,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "digits-variants.json")
     args = p.parse_args()
     command = "python benchmarks/digits_variants.py " + " ".join(sys.argv[1:])
+    for path in (args.out, args.out.with_suffix(".md")):  # before the runs, not after the first one
+        if path.is_dir():
+            p.error(f"--out {args.out}: {path} is a directory; give the path of a .json file to write")
     if args.merge:
         outputs = []
         for path in args.merge:

@@ -111,6 +111,9 @@ def test_the_digits_variants_summary_reads_fid_curves_and_their_drift(tmp_path):
     refused = run_cli(["benchmarks.digits_variants", "--merge", str(bad), "--out", str(out)])
     assert refused.returncode == 2 and f"--merge {bad}: not a digits_variants output" in refused.stderr
     assert not out.exists()  # nothing written
+    (tmp_path / "adir").mkdir()
+    refused = run_cli(["benchmarks.digits_variants", "--seeds", "0", "--out", str(tmp_path / "adir")])
+    assert refused.returncode == 2 and "is a directory; give the path of a .json file" in refused.stderr
     with pytest.raises(ValueError, match="another name"):
         merge([first, {"results": {"sft-pg": {"overrides": ["x=1"], "runs": []}}}])
 
