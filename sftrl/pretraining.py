@@ -81,10 +81,37 @@ def pretrain_sampler(
     moving average of its weights (decay ``min(ema_decay, (1 + k) / (10 + k))`` at step k, so the
     initial weights are forgotten early). Returns ``{"epoch_loss": [...], "seconds": ...}``.
     ``stop``: checked at each epoch's start; once set, ``PretrainingStopped`` is raised.
+
+    A function of its arguments: the batches, timesteps and noise come from a generator seeded
+    with ``seed``, and the global RNG (the U-Net's dropout masks) is seeded with it too for the
+    run and restored afterwards. A cached sampler is then the same on every machine and in every
+    process that trains it (unseeded, dropout made each pretraining of the digits U-Net differ).
     """
+    where = torch.device(device)
+    with torch.random.fork_rng(devices=[where] if where.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _pretrain(model, data, betas, epochs=epochs, batch_size=batch_size, lr=lr, max_grad_norm=max_grad_norm,
+                         seed=seed, where=where, progress=progress, ema_decay=ema_decay, stop=stop)
+
+
+def _pretrain(
+    model: nn.Module,
+    data: RealData,
+    betas: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    max_grad_norm: float,
+    seed: int,
+    where: torch.device,
+    progress: bool,
+    ema_decay: float | None,
+    stop: threading.Event | None,
+) -> dict:
+    """``pretrain_sampler``'s training loop, with the global RNG already seeded."""
     if len(data) == 0:
         raise PretrainingFailed("pretraining needs training data, and the data set holds no samples (check data.*)")
-    where = torch.device(device)
     model = model.to(where).train()
     store = data if isinstance(data, ImageStore) else None
     x = None if store is not None else torch.as_tensor(data, dtype=torch.float32, device=where)

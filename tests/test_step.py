@@ -396,6 +396,29 @@ def test_pretraining_stops_at_the_next_epoch_when_asked():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # not one step taken
 
 
+def test_pretraining_a_unet_with_dropout_is_a_function_of_its_seed():
+    """The digits U-Net's cached sampler differed from one process to the next: dropout drew its
+    masks from the global RNG, which torch seeds at random in each process."""
+    from sftrl.models.unet import UNet
+    from sftrl.pretraining import pretrain_sampler
+
+    data = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
+    trained = []
+    for global_seed in (1, 2, 2):
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            model = UNet(ch=32, out_ch=1, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.5,
+                         in_channels=1, resolution=8)
+        torch.manual_seed(global_seed)  # whatever the process did before
+        state = torch.get_rng_state()
+        pretrain_sampler(model, data, make_betas("linear", 10), epochs=2, batch_size=8, lr=1e-3, max_grad_norm=1.0,
+                         seed=3 if len(trained) < 2 else 4, progress=False)
+        assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
+        trained.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(trained[0], trained[1])  # the same seed: the same sampler
+    assert not torch.equal(trained[1], trained[2])  # another seed: another one (dropout and batches)
+
+
 def test_pretrain_ema_decay_follows_the_model_recipe_and_keys_the_cache_only_when_set(tmp_path):
     from sftrl.config import load, pretrain_key
     from sftrl.pretraining import UNET_EMA_DECAY, cache_path, load_or_pretrain, pretrain_ema_decay
