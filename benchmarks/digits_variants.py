@@ -175,11 +175,11 @@ def write(path: Path, results: dict, command: str) -> None:
         "results": results,
         "markdown": markdown(results),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(path)  # never a half-written report
-    path.with_suffix(".md").write_text(out["markdown"])
+    from sftrl.files import write_atomic
+
+    # never a half-written report (a full disk keeps the old one)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=2) + "\n"))
+    write_atomic(path.with_suffix(".md"), lambda tmp: Path(tmp).write_text(out["markdown"]))
 
 
 def main() -> None:
@@ -209,7 +209,8 @@ def main() -> None:
             results = merge(outputs)
         except (ValueError, KeyError, TypeError) as err:
             p.error(f"--merge: {err}")
-        write(args.out, results, " ; ".join(o["command"] for o in outputs) + " ; " + command)
+        commands = [o["command"] for o in outputs if isinstance(o.get("command"), str)]  # as each output was made
+        write(args.out, results, " ; ".join([*commands, command]))
         print(markdown(results))
         return
     try:

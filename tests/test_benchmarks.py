@@ -111,6 +111,14 @@ def test_the_digits_variants_summary_reads_fid_curves_and_their_drift(tmp_path):
     refused = run_cli(["benchmarks.digits_variants", "--merge", str(bad), "--out", str(out)])
     assert refused.returncode == 2 and f"--merge {bad}: not a digits_variants output" in refused.stderr
     assert not out.exists()  # nothing written
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(first))
+    b.write_text(json.dumps(second))
+    merged = run_cli(["benchmarks.digits_variants", "--merge", str(a), str(b), "--out", str(out)])
+    assert merged.returncode == 0, merged.stderr
+    assert [r["seed"] for r in json.loads(out.read_text())["results"]["sft-pg"]["runs"]] == [0, 1, 2]
+    assert "| sft-pg |" in out.with_suffix(".md").read_text()
+    assert not list(tmp_path.glob(".*.tmp"))  # written in place of a temporary file, none left over
     (tmp_path / "adir").mkdir()
     refused = run_cli(["benchmarks.digits_variants", "--seeds", "0", "--out", str(tmp_path / "adir")])
     assert refused.returncode == 2 and "is a directory; give the path of a .json file" in refused.stderr
