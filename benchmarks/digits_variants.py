@@ -163,7 +163,8 @@ def run_one(overrides: list[str], seed: int, work: Path, cache_dir: str | None) 
             where = f" (FID {curve or 'none yet'}; its folder: {kept['kept_at']})"
         elif kept:
             where = f" ({kept['keep_error']})"
-        raise RuntimeError((failure_line(done.stderr) or f"exit {done.returncode}") + where)
+        error = few_steps.where_kept(failure_line(done.stderr) or f"exit {done.returncode}", run_dir, kept)
+        raise RuntimeError(error + where)
     return {"seed": seed, "seconds": round(time.monotonic() - start, 1), **run_summary(fid_curve(run_dir / "metrics.jsonl"))}
 
 

@@ -266,6 +266,13 @@ def keep_failed_run(run_dir: Path, keep_dir: Path,
     return {"kept_at": str(target), "curve": curve(metrics) if metrics.is_file() else []}
 
 
+def where_kept(message: str, run_dir: Path, kept: dict) -> str:
+    """``message`` (a failed run's error) with ``run_dir`` replaced by where ``keep_failed_run``
+    moved it: a stopped run's "continue with: ... --run-dir DIR --resume auto" then names a
+    folder that exists."""
+    return message.replace(str(run_dir), kept["kept_at"]) if kept.get("kept_at") else message
+
+
 def candidate_overrides(config: str, extra: Sequence[str]) -> dict[str, list[str]]:
     """Each candidate start's overrides for ``config`` (``{S}`` filled with its steps)."""
     from sftrl.config import load
@@ -321,8 +328,9 @@ def run_config(config: str, seeds: Sequence[int], variants: Sequence[tuple[str, 
                 row = run_row(config, variant, seed, report, wall, sw2_curve(run_dir / "metrics.jsonl"))
                 row |= {"overrides": overrides}
             except (RuntimeError, OSError, ValueError, KeyError, IndexError, ZeroDivisionError) as error:
-                row = {"config": config, "variant": variant, "seed": seed, "ok": False, "error": str(error),
-                       "overrides": overrides, **keep_failed_run(run_dir, keep_dir)}
+                kept = keep_failed_run(run_dir, keep_dir)
+                row = {"config": config, "variant": variant, "seed": seed, "ok": False,
+                       "error": where_kept(str(error), run_dir, kept), "overrides": overrides, **kept}
             print(json.dumps({k: v for k, v in row.items() if k != "curve"}, default=str)[:600], flush=True)
             rows.append(row)
             paths = run_dir / "sampling_paths.png"

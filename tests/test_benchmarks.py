@@ -137,12 +137,13 @@ def test_a_failed_digits_run_keeps_its_folder_and_names_it(tmp_path, monkeypatch
         run_dir = Path(cmd[cmd.index("--run-dir") + 1])
         run_dir.mkdir(parents=True)
         (run_dir / "metrics.jsonl").write_text(json.dumps({"iteration": 0, "eval/fid": 18.0}) + "\n")
-        return subprocess.CompletedProcess(cmd, 1, "", "error: 13 non-finite critic updates in a row\n")
+        return subprocess.CompletedProcess(cmd, 1, "", f"error: 13 non-finite critic updates in a row in {run_dir}\n")
 
     monkeypatch.setattr(digits_variants.subprocess, "run", fails_after_one_evaluation)
     monkeypatch.setattr(digits_variants, "KEEP_FAILED", tmp_path / "kept")
     with pytest.raises(RuntimeError) as failed:
         digits_variants.run_one(["algo.policy_lr=1"], 0, tmp_path / "work", None)
     (kept,) = (tmp_path / "kept").iterdir()
-    assert str(failed.value) == f"error: 13 non-finite critic updates in a row (FID 0: 18.00; its folder: {kept})"
+    assert str(failed.value) == \
+        f"error: 13 non-finite critic updates in a row in {kept} (FID 0: 18.00; its folder: {kept})"
     assert (kept / "metrics.jsonl").is_file() and not any((tmp_path / "work").iterdir())

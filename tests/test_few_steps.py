@@ -198,6 +198,11 @@ def test_a_failed_runs_folder_is_kept_with_the_curve_it_reached(tmp_path):
     assert kept == {"kept_at": str(tmp_path / "keep" / "gaussian-t2-lr-0-2"), "curve": [(0, 0.26), (500, 0.01)]}
     assert not run_dir.exists() and (tmp_path / "keep" / "gaussian-t2-lr-0-2" / "metrics.jsonl").is_file()
     assert few_steps.keep_failed_run(tmp_path / "work" / "never-made", tmp_path / "keep") == {}
+    # a stopped run's resume command names the folder where it now is
+    stopped = f"stopped at iteration 3848; continue with: python -m sftrl.run --run-dir {run_dir} --resume auto"
+    assert few_steps.where_kept(stopped, run_dir, kept) == \
+        f"stopped at iteration 3848; continue with: python -m sftrl.run --run-dir {kept['kept_at']} --resume auto"
+    assert few_steps.where_kept(stopped, run_dir, {}) == stopped
     # a folder that cannot be kept is said in the row; the benchmark goes on
     (tmp_path / "work" / "again").mkdir()
     (tmp_path / "file").write_text("not a folder")
