@@ -70,6 +70,9 @@ VARIANTS: dict[str, list[str]] = {
     "sft-pg-kl-b0.003-ema-250": ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.003", "algo.sft-pg-kl.min_std=0.1",
                                  "algo.ema_decay=0.95", "trainer.iterations=250"],
     "sft-pg-250": ["trainer.iterations=250"],
+    # beta 0.005 with the average over 250 iterations: does the larger beta hold where 0.003 drifts?
+    "sft-pg-kl-b0.005-ema-250": ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.005", "algo.sft-pg-kl.min_std=0.1",
+                                 "algo.ema_decay=0.95", "trainer.iterations=250"],
 }
 
 
