@@ -87,31 +87,9 @@ def pretrain_sampler(
     run and restored afterwards. A cached sampler is then the same on every machine and in every
     process that trains it (unseeded, dropout made each pretraining of the digits U-Net differ).
     """
-    where = torch.device(device)
-    with torch.random.fork_rng(devices=[where] if where.type == "cuda" else []):
-        torch.manual_seed(seed)
-        return _pretrain(model, data, betas, epochs=epochs, batch_size=batch_size, lr=lr, max_grad_norm=max_grad_norm,
-                         seed=seed, where=where, progress=progress, ema_decay=ema_decay, stop=stop)
-
-
-def _pretrain(
-    model: nn.Module,
-    data: RealData,
-    betas: np.ndarray,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    max_grad_norm: float,
-    seed: int,
-    where: torch.device,
-    progress: bool,
-    ema_decay: float | None,
-    stop: threading.Event | None,
-) -> dict:
-    """``pretrain_sampler``'s training loop, with the global RNG already seeded."""
     if len(data) == 0:
         raise PretrainingFailed("pretraining needs training data, and the data set holds no samples (check data.*)")
+    where = torch.device(device)
     model = model.to(where).train()
     store = data if isinstance(data, ImageStore) else None
     x = None if store is not None else torch.as_tensor(data, dtype=torch.float32, device=where)
@@ -124,7 +102,9 @@ def _pretrain(
     ema = [p.detach().clone() for p in params] if ema_decay is not None else None
     steps = 0
     history: list[float] = []
-    with Progress(epochs, "pretrain", unit="epoch", enabled=progress) as bar:
+    with (torch.random.fork_rng(devices=[where] if where.type == "cuda" else []),
+          Progress(epochs, "pretrain", unit="epoch", enabled=progress) as bar):
+        torch.manual_seed(seed)  # the dropout masks; the caller's global RNG comes back on the way out
         for _ in range(epochs):
             if stop is not None and stop.is_set():
                 raise PretrainingStopped(f"pretraining stopped after {len(history)} of {epochs} epochs")
