@@ -208,6 +208,12 @@ def main() -> None:
                 p.error(f"--merge {path}: not a readable JSON file ({err})")
             if not isinstance(out, dict) or not isinstance(out.get("results"), dict):
                 p.error(f"--merge {path}: not a digits_variants output (it has no 'results' mapping)")
+            bad = [name for name, variant in out["results"].items()
+                   if not (isinstance(variant, dict) and isinstance(variant.get("runs"), list)
+                           and all(isinstance(run, dict) for run in variant["runs"]))]
+            if bad:
+                p.error(f"--merge {path}: not a digits_variants output (variant {', '.join(map(repr, bad))} has no "
+                        "list of runs)")
             outputs.append(out)
         try:
             results = merge(outputs)

@@ -111,6 +111,10 @@ def test_the_digits_variants_summary_reads_fid_curves_and_their_drift(tmp_path):
     refused = run_cli(["benchmarks.digits_variants", "--merge", str(bad), "--out", str(out)])
     assert refused.returncode == 2 and f"--merge {bad}: not a digits_variants output" in refused.stderr
     assert not out.exists()  # nothing written
+    bad.write_text(json.dumps({"results": {"sft-pg": {"overrides": [], "runs": "oops"}}}))
+    refused = run_cli(["benchmarks.digits_variants", "--merge", str(bad), "--out", str(out)])
+    assert refused.returncode == 2 and "variant 'sft-pg' has no list of runs" in refused.stderr
+    assert not out.exists()
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(first))
     b.write_text(json.dumps(second))
