@@ -25,6 +25,7 @@ class Finished:
     version: int
     result: dict[str, Any] | None
     error: str | None = None
+    weights: Any = dataclasses.field(default=None, repr=False)  # what was scored (the best sampler is kept)
 
 
 class BackgroundEvaluation:
@@ -35,10 +36,10 @@ class BackgroundEvaluation:
         self.evaluate = evaluate
         self.started = started
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftrl-eval")
-        self._running: list[tuple[int, int, Future]] = []
+        self._running: list[tuple[int, int, Any, Future]] = []
 
     def start(self, iteration: int, version: int, weights: Any) -> None:
-        self._running.append((iteration, version, self._pool.submit(self._timed, weights)))
+        self._running.append((iteration, version, weights, self._pool.submit(self._timed, weights)))
 
     def _timed(self, weights: Any) -> dict[str, Any]:
         result = dict(self.evaluate(weights))
@@ -49,10 +50,10 @@ class BackgroundEvaluation:
         """The evaluations that have finished (all of them with ``wait``), in the order started.
         Any error of a metric is caught here: the run's weights are not at stake."""
         done = []
-        while self._running and (wait or self._running[0][2].done()):
-            iteration, version, future = self._running.pop(0)
+        while self._running and (wait or self._running[0][3].done()):
+            iteration, version, weights, future = self._running.pop(0)
             try:
-                done.append(Finished(iteration, version, future.result()))
+                done.append(Finished(iteration, version, future.result(), weights=weights))
             except Exception as err:
                 first = str(err).splitlines()[0] if str(err) else ""
                 done.append(Finished(iteration, version, None, f"{type(err).__name__}: {first}"))

@@ -89,8 +89,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run_dir: str, checkpoint: str | None):
-    """(cfg, sampler with the run's fine-tuned weights, data shape, checkpoint path) of a run directory."""
+def _load_run(run_dir: str, checkpoint: str | None, best: bool = False):
+    """(cfg, sampler with the run's fine-tuned weights, data shape, checkpoint path) of a run
+    directory; with ``best``, its best evaluated sampler (``RUN/best-sampler.pt``) instead."""
     import torch
 
     from sftrl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -105,6 +106,8 @@ def _load_run(run_dir: str, checkpoint: str | None):
     if not (run / "config.yaml").is_file():
         raise CheckpointError(f"'{run}' is not a run directory (no config.yaml)")
     cfg = load(run / "config.yaml")
+    if best:
+        return _load_best(run, cfg, checkpoint)
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run)
     if checkpoint and path is not None:
         check_checkpoint_belongs(path, run, flag="--checkpoint")
@@ -123,6 +126,32 @@ def _load_run(run_dir: str, checkpoint: str | None):
                               f"({str(err).splitlines()[0]})") from None
     if adapted is not sampler:
         merge_into(adapted, sampler)
+    torch.set_num_threads(cfg.torch_threads)
+    return cfg, sampler, data_shape, path
+
+
+def _load_best(run: Path, cfg, checkpoint: str | None):
+    """``_load_run`` of ``--best``: the sampler in ``RUN/best-sampler.pt`` (adapters merged)."""
+    import torch
+
+    from sftrl.best import BEST_FILE, read_best
+    from sftrl.checkpoint import CheckpointError
+    from sftrl.models import build_networks
+    from sftrl.pretraining import load_sampler_checkpoint, read_torch_file
+
+    if checkpoint:
+        raise ValueError("--best and --checkpoint each name the sampler to use: give one of them")
+    path = run / BEST_FILE
+    entry = read_best(run)
+    if entry is None:
+        raise CheckpointError(f"run '{run}' has no best sampler ({path} is not there): a run writes it at its first "
+                              "scored evaluation when trainer.keep_best is on (the default); drop --best to use "
+                              "the run's latest checkpoint")
+    data_shape = _data_shape(cfg, read_torch_file(path)["state_dict"])
+    sampler, _, _ = build_networks(cfg, data_shape)
+    load_sampler_checkpoint(path, sampler, cfg)
+    print(f"the best sampler of run '{run}': iteration {entry.get('iteration')}, {entry.get('metric')} "
+          f"{entry.get('value', float('nan')):.4g} ({path})", file=sys.stderr)
     torch.set_num_threads(cfg.torch_threads)
     return cfg, sampler, data_shape, path
 
@@ -185,7 +214,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     out = _check_new_folder(args.out) if args.format == "png" else _check_out(args.out)
     device = _device(args.device)
-    cfg, sampler, data_shape, _ = _load_run(args.run_dir, args.checkpoint)
+    cfg, sampler, data_shape, _ = _load_run(args.run_dir, args.checkpoint, args.best)
     if args.format == "png" and len(data_shape) != 3:
         raise ValueError(f"--format png needs an image run; run '{args.run_dir}' samples {data_shape} points "
                          "(use --format npz)")
@@ -224,7 +253,7 @@ def _export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_export_folder(out)
     check_can_write(out, "--out", directory=True)
-    cfg, sampler, _, path = _load_run(args.run_dir, args.checkpoint)
+    cfg, sampler, _, path = _load_run(args.run_dir, args.checkpoint, args.best)
     if cfg.model.sampler != "unet":
         raise ValueError(f"--format diffusers writes a U-Net; run '{args.run_dir}' fine-tuned model.sampler "
                          f"{cfg.model.sampler!r}")
@@ -240,7 +269,7 @@ def _eval(args: argparse.Namespace) -> int:
     from sftrl.progress import Progress
     from sftrl.weights import to_numpy_state
 
-    cfg, sampler, data_shape, path = _load_run(args.run_dir, args.checkpoint)
+    cfg, sampler, data_shape, path = _load_run(args.run_dir, args.checkpoint, args.best)
     evaluator = build_evaluator(cfg, InitState(None, data_shape))
     if evaluator is None:
         raise ValueError(f"no evaluation metric is configured for data set {cfg.data.name!r}")
@@ -250,7 +279,7 @@ def _eval(args: argparse.Namespace) -> int:
     for name, grid in result.pop("pictures", {}).items():  # images: the evaluation's sample grid
         from sftrl.pictures import save_png
 
-        png = save_png(grid, Path(args.run_dir) / "samples" / f"{name}-eval-{path.name}.png")
+        png = save_png(grid, Path(args.run_dir) / "samples" / f"{name}-eval-{path.stem if path.is_file() else path.name}.png")
         print(f"wrote the evaluation's sample grid to {png}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     return 0
@@ -262,6 +291,10 @@ def _weights(args: argparse.Namespace) -> int:
     path = fetch_inception(Path(args.cache_dir).expanduser(), url=args.url)
     print(f"the FID Inception weights are at {path}; image runs find them there (trainer.fid_weights: null)")
     return 0
+
+
+BEST_HELP = ("the run's best evaluated sampler (RUN/best-sampler.pt, the lowest FID or SW2 it scored) instead of a "
+             "checkpoint's")
 
 
 def build_parser() -> OneLineParser:
@@ -290,6 +323,7 @@ def build_parser() -> OneLineParser:
                       help="npz (default) or png: one 8-bit PNG per image, for FID tools")
     samp.add_argument("--device", default="auto", help="auto (default: a GPU where there is one), cpu, cuda, cuda:N")
     samp.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
+    samp.add_argument("--best", action="store_true", help=BEST_HELP)
     samp.add_argument("--seed", type=int, default=0, help="sampling seed")
     samp.add_argument("--batch-size", type=_positive_int, default=1000,
                       help="chains sampled at once, the float samples held at once (default 1000)")
@@ -302,6 +336,7 @@ def build_parser() -> OneLineParser:
                           "and README.md / sftrl_schedule.json with the few-step schedule it was tuned for")
     exp.add_argument("--out", required=True, help="a new folder (or an empty one)")
     exp.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
+    exp.add_argument("--best", action="store_true", help=BEST_HELP)
 
     wts = sub.add_parser("weights", help="fetch network weights that a run never downloads by itself")
     wts.add_argument("name", choices=("inception",), help="inception: the standard FID Inception (about 92 MB)")
@@ -312,6 +347,7 @@ def build_parser() -> OneLineParser:
     ev = sub.add_parser("eval", help="evaluate a run's checkpoint with the configured metric (SW2, exact W2)")
     ev.add_argument("run_dir", help="a run directory written by sftrl run")
     ev.add_argument("--checkpoint", help="a checkpoint directory (default: the run's latest)")
+    ev.add_argument("--best", action="store_true", help=BEST_HELP)
 
     sch = sub.add_parser("schedule", help="print a sampling schedule's table")
     sch.add_argument("name", choices=SCHEDULE_NAMES, help="schedule name")

@@ -241,6 +241,15 @@ class TrainerConfig:
     checkpoint_every: int = doc_field(1000, "Checkpoint every this many iterations (0: only at the end).", valid=Range(0))
     keep_checkpoints: int = doc_field(3, "How many checkpoints to keep (older ones are deleted).", valid=Range(1))
     max_nonfinite_updates: int = doc_field(10, "Stop after this many non-finite updates in a row.", valid=Range(1))
+    keep_best: bool = doc_field(
+        True, "Keep the evaluated sampler with the lowest score so far (FID, else mean SW2) as RUN/best-sampler.pt "
+        "(sftrl sample/export/eval --best read it; model.checkpoint can start a run from it).",
+    )
+    stop_above_best: float = doc_field(
+        0.0, "Stop the run when an evaluation scores above this multiple of the run's best score (FID, else mean "
+        "SW2): a run that has diverged, with finite gradients, spends no more compute (0: never).",
+        valid=Range(0.0, note="(0: never; else above 1, e.g. 100)"),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,6 +367,8 @@ class Config:
              "critic_regulariser 'B' trains the baseline through R_B alone (Eq. 23): lam must be > 0")
         need(r.call_timeout_multiple == 0 or r.call_timeout_multiple >= 1, "rollout.call_timeout_multiple",
              r.call_timeout_multiple, "must be >= 1 (or 0: no watch on hung workers)")
+        need(t.stop_above_best == 0 or t.stop_above_best > 1, "trainer.stop_above_best", t.stop_above_best,
+             "is a multiple of the run's best score: above 1 (e.g. 100), or 0 to never stop on the score")
         need(not (r.max_lag and 0 < t.checkpoint_every <= r.max_lag), "rollout.max_lag", r.max_lag,
              f"async mode's pipeline restarts at every checkpoint, so with trainer.checkpoint_every = "
              f"{t.checkpoint_every} the lag never reaches it: raise trainer.checkpoint_every above it "

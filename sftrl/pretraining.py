@@ -175,9 +175,14 @@ def model_signature(cfg: Config) -> dict:
 
 
 def sampler_checkpoint(model: nn.Module, cfg: Config, info: dict) -> dict:
+    return sampler_checkpoint_of_state({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg, info)
+
+
+def sampler_checkpoint_of_state(state_dict: dict[str, torch.Tensor], cfg: Config, info: dict) -> dict:
+    """An sftrl sampler checkpoint (``SAMPLER_FORMAT``) of a network's CPU tensors."""
     return {
         "format": SAMPLER_FORMAT,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": state_dict,
         "model": {
             **model_signature(cfg),
             "hidden": cfg.model.hidden,
@@ -194,7 +199,7 @@ class SamplerCheckpointError(ValueError):
     """A sampler checkpoint that is missing, unreadable, or of another model."""
 
 
-def _read_checkpoint(path: Path):
+def read_torch_file(path: Path):
     """``torch.load(weights_only=True)`` of ``path``, tensors memory-mapped where the file allows
     (a multi-GB DDIM training checkpoint is then only paged in as far as it is used)."""
     try:
@@ -231,7 +236,7 @@ def load_sampler_checkpoint(path: Path, model: nn.Module, cfg: Config) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise SamplerCheckpointError(f"sampler checkpoint '{path}' not found (model.checkpoint)")
-    return _load_sftrl_checkpoint(path, _read_checkpoint(path), model, cfg)
+    return _load_sftrl_checkpoint(path, read_torch_file(path), model, cfg)
 
 
 def _one_line_mismatch(path: Path, err: CheckpointMismatchError, model: nn.Module,
@@ -277,7 +282,7 @@ def load_initial_checkpoint(path: str | Path, model: nn.Module, cfg: Config) -> 
         return load_diffusers_folder(path, model, cfg)
     if not path.is_file():
         raise SamplerCheckpointError(f"sampler checkpoint '{path}' not found (model.checkpoint)")
-    ckpt = _read_checkpoint(path)
+    ckpt = read_torch_file(path)
     if isinstance(ckpt, dict) and "format" in ckpt:
         _load_sftrl_checkpoint(path, ckpt, model, cfg)
         return {"source": "checkpoint", "format": SAMPLER_FORMAT, "path": str(path), "seconds": 0.0}

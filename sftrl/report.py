@@ -44,6 +44,28 @@ def evaluation_rows(evaluations: list[dict]) -> list[dict]:
     return rows
 
 
+def best_evaluation(run_dir: Path, cfg: Config, evaluations: list[dict]) -> dict | None:
+    """The evaluation that scored lowest (``sftrl.best``): iteration, metric, value, and the file
+    holding its sampler (None where ``trainer.keep_best`` is off)."""
+    from sftrl.best import BEST_FILE, best_of, score_of
+
+    best = best_of(evaluations)
+    if best is None:
+        return None
+    metric, value = score_of(best) or ("", float("nan"))
+    kept = cfg.trainer.keep_best and (run_dir / BEST_FILE).is_file()
+    return {"iteration": best["iteration"], "metric": metric, "value": value, "file": BEST_FILE if kept else None}
+
+
+def best_line(best: dict, run_dir: Path) -> str:
+    """The report's sentence on the best evaluation."""
+    value = f"{best['value'] / SCALE:.2f} (x1e-2)" if best["metric"] == "sw2_mean" else f"{best['value']:.2f}"
+    name = "SW2" if best["metric"] == "sw2_mean" else best["metric"].upper()
+    where = (f"its sampler is kept in `{best['file']}` (`sftrl sample {run_dir} --best`)" if best["file"]
+             else "its sampler was not kept (trainer.keep_best: false)")
+    return f"Best evaluation: iteration {best['iteration']}, {name} {value}; {where}."
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| sampler | iteration | SW2 (x1e-2) mean ± std | min-max | noise floor (x1e-2) | exact W2 (x1e-2) |",
@@ -183,6 +205,7 @@ def write_report(
         "events": trainer.events,  # faults met and survived: lost or hung workers, failed evaluations
         "placement": placement or {},
         "evaluations": rows,
+        "best": best_evaluation(run_dir, cfg, trainer.evaluations),
         "pictures": pictures or {},
         "config": to_dict(cfg),
     }
@@ -213,6 +236,7 @@ def write_report(
             "training images (at most 50,000)."
         ),
         "",
+        *([best_line(report["best"], run_dir), ""] if report["best"] else []),
         "## Run",
         "",
         f"- iterations: {iterations}"

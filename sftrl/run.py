@@ -217,7 +217,7 @@ def fine_tune(job: Job, launch: Launch) -> int:
     from sftrl.report import make_pictures, placement_summary, write_report
     from sftrl.rollout_pool import RolloutError
     from sftrl.tensorboard import TensorBoardLogger
-    from sftrl.trainer import NonFiniteError, Trainer
+    from sftrl.trainer import DivergedError, NonFiniteError, Trainer
 
     cfg, run_dir = job.cfg, job.run_dir
     assert job.init is not None and job.data is not None, "start_and_fine_tune starts the job first"
@@ -240,12 +240,16 @@ def fine_tune(job: Job, launch: Launch) -> int:
             trainer.fit()
             wall_s = time.monotonic() - start
             pictures = make_pictures(run_dir, cfg, job.init, trainer, job.data, tensorboard)
-            write_report(run_dir, cfg, trainer, job.pretrain_info, wall_s, pictures, placement, first_iteration)
+            report = write_report(run_dir, cfg, trainer, job.pretrain_info, wall_s, pictures, placement, first_iteration)
+        if report["best"] and report["best"]["file"]:
+            best = report["best"]
+            print(f"best sampler: iteration {best['iteration']}, {best['metric']} {best['value']:.4g} "
+                  f"({run_dir / best['file']}; sftrl sample/export/eval --best use it)", file=sys.stderr)
         if stop.signum is not None:
             print(f"stopped at iteration {trainer.iteration}; continue with: python -m sftrl.run --run-dir {run_dir} "
                   "--resume auto", file=sys.stderr)
             return 128 + stop.signum
-    except (NonFiniteError, ComponentLost, RolloutError) as err:
+    except (NonFiniteError, DivergedError, ComponentLost, RolloutError) as err:
         print(f"error: {err}; {how_to_go_on(run_dir)}", file=sys.stderr)
         return 1
     except OSError as err:

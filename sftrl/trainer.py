@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sftrl.background_evaluation import BackgroundEvaluation, Evaluate
+from sftrl.background_evaluation import BackgroundEvaluation, Evaluate, Finished
+from sftrl.best import BEST_FILE, best_entry, best_of, is_new_best, read_best, save_best, score_of
 from sftrl.buffer import BlockMeta
 from sftrl.checkpoint import save_checkpoint
 from sftrl.clients import Future, Metrics
@@ -30,6 +31,7 @@ from sftrl.learner import DATA_BYTES, PHASE_S
 from sftrl.ledger import RunLedger
 from sftrl.optim import SKIPPED
 from sftrl.plan import RunPlan
+from sftrl.pretraining import SamplerCheckpointError
 from sftrl.progress import Progress
 from sftrl.read_ahead import ReadAhead
 from sftrl.rollout_pool import RolloutError, RolloutPool, Rollouts
@@ -48,6 +50,11 @@ class Pending:
 class NonFiniteError(RuntimeError):
     """Too many non-finite updates (or rollout blocks) in a row: the run stops with its last good
     checkpoint."""
+
+
+class DivergedError(RuntimeError):
+    """An evaluation scored above ``trainer.stop_above_best`` times the run's best: the run stops
+    with its last checkpoint and its best sampler (``sftrl.best``) kept."""
 
 
 # What the components measure of themselves: summed into time/ and bytes/ lines, not averaged.
@@ -104,6 +111,7 @@ class Trainer:
         self._weights_lag = 0
         self._previous_end: float | None = None  # perf_counter() at the end of the last step
         self._saved: tuple | None = None  # (iteration, evaluations, events) of the last checkpoint
+        self.diverged: str | None = None  # why the run stops on its score (trainer.stop_above_best)
 
     @property
     def counters(self) -> dict[str, int]:
@@ -299,13 +307,38 @@ class Trainer:
                 continue
             result = {"iteration": finished.iteration, "policy_version": finished.version, **finished.result}
             drawn = result.pop("pictures", None)  # arrays, not metrics
+            before = list(self.evaluations)
             self.evaluations.append(result)
             self.log.write({"iteration": finished.iteration,
                             **{f"eval/{k}": v for k, v in result.items() if k != "iteration"}})
             if drawn:
                 self.save_pictures(finished.iteration, drawn)
+            self.keep_if_best(finished, result, before)
+            self.diverged = self.diverged or self.divergence(result)
             done.append(result)
         return done
+
+    def keep_if_best(self, finished: Finished, result: dict[str, Any], before: list[dict[str, Any]]) -> None:
+        """Save the scored weights as ``RUN/best-sampler.pt`` when they beat every earlier
+        evaluation of the run (``trainer.keep_best``)."""
+        if self.cfg.trainer.keep_best and finished.weights is not None and is_new_best(result, before):
+            save_best(self.run_dir, finished.weights, self.cfg, best_entry(result))
+
+    def divergence(self, result: dict[str, Any]) -> str | None:
+        """Why the run stops (``trainer.stop_above_best``): the evaluation scored above that
+        multiple of the run's best; else None."""
+        limit = self.cfg.trainer.stop_above_best
+        score, best = score_of(result), best_of(self.evaluations)
+        best_score = score_of(best) if best is not None else None
+        if not limit or score is None or best is None or best_score is None or score[1] <= limit * best_score[1]:
+            return None
+        metric, value = score
+        kept = (f"the best sampler is kept in {self.run_dir / BEST_FILE}" if self.cfg.trainer.keep_best
+                else "trainer.keep_best is off, so no best sampler was kept")
+        return (f"the evaluation at iteration {result['iteration']} scored {metric} {value:.4g}, "
+                f"{value / best_score[1]:.3g}x the run's best ({best_score[1]:.4g} at iteration {best['iteration']}; "
+                f"limit trainer.stop_above_best = {limit:g}): the run has diverged and stops; {kept}. "
+                "Lower algo.policy_lr, or raise trainer.stop_above_best (0: never stop on the score)")
 
     def save_pictures(self, iteration: int, drawn: dict[str, Any]) -> None:
         """An evaluation's pictures (``{"samples": uint8 grid}``) as
@@ -359,13 +392,23 @@ class Trainer:
         self._saved = (self.iteration, len(self.evaluations), len(self.events))  # what it was restored from
         for note in self.log.repair(self.iteration):
             print(f"note: {note}", file=sys.stderr)
+        try:
+            kept = read_best(self.run_dir) if self.cfg.trainer.keep_best else None
+        except SamplerCheckpointError as err:
+            print(f"warning: {err}; the resumed run writes a new one at its next best evaluation", file=sys.stderr)
+            kept = None
+        if kept and kept.get("iteration", -1) > self.iteration:
+            print(f"note: {BEST_FILE} holds the sampler of iteration {kept['iteration']}, after the checkpoint this "
+                  f"run resumes from (iteration {self.iteration}); the resumed run's own evaluations replace it "
+                  "where they score better than the best before that checkpoint", file=sys.stderr)
 
     def checkpoint(self) -> Path | None:
         """Save the state as the current iteration's checkpoint; None when that checkpoint exists
-        and nothing it records has changed since (a stop right after a scheduled checkpoint)."""
+        and nothing it records has changed since (a stop right after a scheduled checkpoint), or
+        when the run has diverged (``trainer.stop_above_best``)."""
         self.collect_evaluations()
         mark = (self.iteration, len(self.evaluations), len(self.events))
-        if mark == self._saved:
+        if mark == self._saved or self.diverged:  # a diverged state is not saved over good checkpoints
             return None
         path = save_checkpoint(self.run_dir, self.iteration, self.state(), self.cfg.trainer.keep_checkpoints)
         self._saved = mark
@@ -393,6 +436,8 @@ class Trainer:
                     self.evaluate()
                 for result in self.collect_evaluations():  # the latest finished score stays shown
                     postfix["sw2" if "sw2_mean" in result else "fid"] = result.get("sw2_mean", result.get("fid", float("nan")))
+                if self.diverged:
+                    raise DivergedError(self.diverged)
                 if t.checkpoint_every and self.iteration % t.checkpoint_every == 0 and self.iteration < t.iterations:
                     self.checkpoint()
                 bar.update(1, **postfix)
@@ -403,4 +448,6 @@ class Trainer:
         if not self.stop_requested and self._last_evaluated != self.iteration:
             self.evaluate()  # the final evaluation (skipped on a signal stop, which keeps the state)
         self.collect_evaluations(wait=True)
+        if self.diverged:  # the final evaluation: its state is not saved over the good checkpoints
+            raise DivergedError(self.diverged)
         self.checkpoint()

@@ -25,7 +25,7 @@ def smoke_run(tmp_path_factory, cache_dir):
 
 
 def test_smoke_run_writes_a_complete_run_directory(smoke_run):
-    run_dir, _ = smoke_run
+    run_dir, result = smoke_run
     for name in ("config.yaml", "metrics.jsonl", "report.json", "report.md"):
         assert (run_dir / name).is_file(), name
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -55,6 +55,13 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run):
     assert rows[0]["sw2_floor_mean"] == rows[1]["sw2_floor_mean"]  # the data floor is measured once
     assert "| fine-tuned | 20 |" in (run_dir / "report.md").read_text()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter-0000020"
+    # The best evaluated sampler is kept beside the checkpoints, and the report and the last lines say where.
+    best = min(rows, key=lambda r: r["sw2_mean"])
+    assert report["best"] == {"iteration": best["iteration"], "metric": "sw2_mean", "value": best["sw2_mean"],
+                              "file": "best-sampler.pt"}
+    assert (run_dir / "best-sampler.pt").is_file()
+    assert f"Best evaluation: iteration {best['iteration']}, SW2" in (run_dir / "report.md").read_text()
+    assert f"best sampler: iteration {best['iteration']}, sw2_mean" in result.stderr
 
 
 @pytest.mark.parametrize(
