@@ -73,6 +73,10 @@ VARIANTS: dict[str, list[str]] = {
     # beta 0.005 with the average over 250 iterations: does the larger beta hold where 0.003 drifts?
     "sft-pg-kl-b0.005-ema-250": ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.005", "algo.sft-pg-kl.min_std=0.1",
                                  "algo.ema_decay=0.95", "trainer.iterations=250"],
+    # beta 0.003 with the average and the policy lr decayed linearly to 0 over the 250 iterations:
+    # the steps after iteration 200, where seed 2 turns under every variant, are then small.
+    "sft-pg-kl-b0.003-ema-decay-250": ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.003", "algo.sft-pg-kl.min_std=0.1",
+                                       "algo.ema_decay=0.95", "algo.policy_lr_decay=linear", "trainer.iterations=250"],
 }
 
 

@@ -64,6 +64,16 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run):
     assert f"best sampler: iteration {best['iteration']}, sw2_mean" in result.stderr
 
 
+def test_eval_of_the_best_sampler_scores_what_the_run_recorded_for_it(smoke_run):
+    run_dir, _ = smoke_run
+    best = json.loads((run_dir / "report.json").read_text())["best"]
+    result = run_cli(["sftrl.cli", "eval", str(run_dir), "--best"], timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"the best sampler of run '{run_dir}': iteration {best['iteration']}" in result.stderr
+    # The file holds the very weights that evaluation scored: the same seeded evaluation, the same SW2.
+    assert json.loads(result.stdout)["sw2_mean"] == pytest.approx(best["value"], rel=1e-9)
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
