@@ -77,6 +77,8 @@ VARIANTS: dict[str, list[str]] = {
     # the steps after iteration 200, where seed 2 turns under every variant, are then small.
     "sft-pg-kl-b0.003-ema-decay-250": ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.003", "algo.sft-pg-kl.min_std=0.1",
                                        "algo.ema_decay=0.95", "algo.policy_lr_decay=linear", "trainer.iterations=250"],
+    "sft-pg-kl-b0.005-ema-decay-250": ["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.005", "algo.sft-pg-kl.min_std=0.1",
+                                       "algo.ema_decay=0.95", "algo.policy_lr_decay=linear", "trainer.iterations=250"],
 }
 
 
@@ -134,7 +136,8 @@ def _cell(stat: dict, fmt: str, runs: int) -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| variant | overrides | seeds | FID by iteration (seed 0) | best FID | last FID | drift (last/best - 1) |",
+    lines = ["| variant | overrides | seeds | FID by iteration (the first seed listed) | best FID | last FID | "
+             "drift (last/best - 1) |",
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if "error" in r:
@@ -143,7 +146,9 @@ def markdown(results: dict) -> str:
         curve = ", ".join(f"{i}: {f:.2f}" for i, f in r["runs"][0]["curve"])
         cells = [_cell(r["summary"][key], fmt, len(r["runs"])) for key, fmt in
                  (("best_fid", ".2f"), ("last_fid", ".2f"), ("drift", "+.1%"))]
-        lines.append(f"| {name} | `{' '.join(r['overrides']) or '(digits.yaml)'}` | {len(r['runs'])} | {curve} | "
+        seeds = [run["seed"] for run in r["runs"] if "seed" in run]
+        count = f"{len(r['runs'])} ({', '.join(map(str, seeds))})" if len(seeds) == len(r["runs"]) else str(len(r["runs"]))
+        lines.append(f"| {name} | `{' '.join(r['overrides']) or '(digits.yaml)'}` | {count} | {curve} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -211,6 +211,11 @@ class AlgoConfig:
         "iterations: 200 at 0.995 (the toy configs, thousands of iterations), 20 at 0.95.",
         valid=Range(0.0, 1.0, high_open=True, note="(0: no average)"),
     )
+    entropy_coef: float = doc_field(
+        0.0, "sft-pg, sft-pg-kl, ppo: weight of an entropy bonus on the learned step stds (the policy loss minus "
+        "this x the mean entropy of the minibatch's step Gaussians, reduced like the log-prob); it pushes back "
+        "against a policy gradient that shrinks the stds (0: none). Needs model.learn_variance.", valid=Range(0.0),
+    )
     ppo_clip: float = doc_field(0.2, "ppo: clip range of the importance (density) ratio pi / pi_behaviour.", valid=POSITIVE)
     ppo_epochs: int = doc_field(2, "ppo: passes over the buffer per iteration.", valid=Range(1))
     max_importance_weight: float = doc_field(
@@ -390,6 +395,12 @@ class Config:
         need(not m.learn_variance_per_channel or (m.learn_variance and not self.is_toy), "model.learn_variance_per_channel",
              m.learn_variance_per_channel, "a std per channel needs model.learn_variance: true and an image set"
              if self.is_toy or not m.learn_variance else "")
+        need(a.entropy_coef == 0 or a.name != "sft", "algo.entropy_coef", a.entropy_coef,
+             "is a bonus in the policy-gradient loss; algorithm 'sft' back-propagates through the chain and has "
+             "none: leave it 0")
+        need(a.entropy_coef == 0 or m.learn_variance, "algo.entropy_coef", a.entropy_coef,
+             "is a bonus on the learned step stds: set model.learn_variance: true too (fixed stds have a "
+             "constant entropy), or leave it 0")
         need(m.variance_lr is None or m.learn_variance, "model.variance_lr", m.variance_lr,
              "is the learned stds' learning rate: set model.learn_variance: true too, or leave it null")
         need(m.critic_input == "raw" or self.is_toy, "model.critic_input", m.critic_input,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, assert_close, run_cli
+from sftrl.algos import losses
 from sftrl.buffer import ReplayBuffer
 from sftrl.components import (
     InitState,
@@ -30,6 +31,7 @@ from sftrl.diffusion.variance import (
     floored_std,
     initial_log_std,
     learned_log_std,
+    step_entropy,
     step_stds,
 )
 from sftrl.models import attach_variance, build_networks
@@ -155,6 +157,60 @@ def test_model_variance_lr_gives_the_stds_their_own_learning_rate():
     with pytest.raises(ConfigError, match="'model.variance_lr' = 0.01 is invalid: is the learned stds' learning rate: "
                        "set model.learn_variance: true too"):
         load(SMOKE, ["model.variance_lr=1e-2"])
+
+
+def test_the_step_entropy_is_the_gaussian_entropy_reduced_like_the_log_prob():
+    model, _ = _learned_toy(channels=3)
+    with torch.no_grad():
+        model.step_log_std.copy_(torch.randn(model.step_log_std.shape, generator=torch.Generator().manual_seed(1)))
+    n = torch.tensor([1, 3, 3, 5])
+    shape = (3, 2, 2)  # a channel's std covers its 4 pixels
+    std = step_stds(model)[n].double()  # (B, C)
+    exact = torch.distributions.Normal(torch.zeros(4, 3, 2, 2, dtype=torch.float64),
+                                       std.view(4, 3, 1, 1).expand(4, 3, 2, 2)).entropy().flatten(1)
+    assert_close(step_entropy(model, n, shape, "sum"), exact.sum(1), rtol=1e-5)
+    assert_close(step_entropy(model, n, shape, "mean"), exact.mean(1), rtol=1e-5)
+    one, _ = _learned_toy()
+    exact_one = torch.distributions.Normal(0.0, step_stds(one)[n].double()).entropy() * 2
+    assert_close(step_entropy(one, n, (2,), "sum"), exact_one, rtol=1e-5)
+    assert step_entropy(ToySampler(20, hidden=8), n, (2,), "sum") is None  # fixed stds: no parameter to move
+
+
+def test_the_entropy_bonus_raises_the_learned_stds_and_is_off_at_zero():
+    model, _ = _learned_toy()
+    n = torch.tensor([1, 2, 5])
+    bonus, metrics = losses.entropy_bonus(step_entropy(model, n, (2,), "sum"), coef=0.1)
+    (grad,) = torch.autograd.grad(bonus, model.step_log_std)
+    assert bool((grad[[1, 2, 5]] < 0).all()) and bool((grad[[3, 4]] == 0).all())  # a descent step raises them
+    assert metrics["entropy"] == pytest.approx(float(step_entropy(model, n, (2,), "sum").detach().mean()))
+
+    # Through the learner: the same update with the bonus ends with larger stds, and at 0 it is
+    # sft-pg's update bit for bit (no entropy metric either).
+    def updated(*overrides):
+        cfg = load(SMOKE, ["model.learn_variance=true", "algo.policy_lr=1e-3", "model.variance_lr=1e-2", *overrides])
+        start = to_numpy_state(attach_variance(fresh_sampler(cfg, (2,)), cfg, (2,)))
+        init = InitState(start, (2,))
+        worker, learner = make_rollout_worker(cfg, init, 0), make_learner(cfg, init)
+        critic = make_critic_learner(cfg, init, real_data=torch.randn(256, 2, generator=torch.Generator().manual_seed(0)))
+        worker.set_policy_weights(start, 0)
+        worker.set_critic_weights(critic.get_weights().state["critic"], 0)
+        buf = ReplayBuffer()
+        buf.add_blocks(worker.rollout(2, 64))
+        metrics = learner.update_policy(buf.sample(1, 64, seed=0), Weights(0, critic.get_weights().state))
+        return learner.get_weights().state, metrics
+
+    plain, plain_metrics = updated()
+    zero, zero_metrics = updated("algo.entropy_coef=0")
+    strong, strong_metrics = updated("algo.entropy_coef=100")
+    assert all(np.array_equal(plain[k], zero[k]) for k in plain) and "entropy" not in zero_metrics[0]
+    assert "entropy" in strong_metrics[0]
+    raised = strong[LOG_STD_KEY][1:] - plain[LOG_STD_KEY][1:]  # steps absent from the minibatch stay
+    assert bool((raised >= 0).all()) and int((raised > 0).sum()) >= 7
+    with pytest.raises(ConfigError, match="'algo.entropy_coef' = 0.1 is invalid: is a bonus on the learned step stds: "
+                       "set model.learn_variance: true too"):
+        load(SMOKE, ["algo.entropy_coef=0.1"])
+    with pytest.raises(ConfigError, match="'algo.entropy_coef' = 0.1 is invalid: .*algorithm 'sft'"):
+        load(SMOKE, ["algo.entropy_coef=0.1", "algo.name=sft", "algo.critic_regulariser=GP", "model.learn_variance=true"])
 
 
 def test_the_config_checks_the_floor_and_the_steps_it_starts_from():

@@ -33,6 +33,7 @@ RATIO_MAX = "ratio_max"
 # a phase's first policy step: 0 when worker and learner compute the same log-prob; "/n{n}" per step.
 RESCORE_LOG_RATIO_ABSMAX = "rescore_log_ratio_absmax"
 REWARD_MEAN = "reward_mean"
+ENTROPY = "entropy"  # the mean entropy of the minibatch's step Gaussians (algo.entropy_coef > 0)
 IMPORTANCE_WEIGHT_MEAN = "importance_weight_mean"
 IMPORTANCE_WEIGHT_TRUNCATED = "importance_weight_truncated"
 
@@ -43,6 +44,14 @@ def explained_variance(values: torch.Tensor, targets: torch.Tensor) -> float:
     if var.item() == 0:
         return float("nan")
     return (1.0 - (targets - values).var() / var).item()
+
+
+def entropy_bonus(entropy: torch.Tensor, coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """-coef x mean entropy of the minibatch's step Gaussians (``entropy`` ``(B,)``,
+    ``sftrl.diffusion.variance.step_entropy``), added to a policy loss: minimising it raises the
+    learned stds against a policy gradient that shrinks them (PPO's entropy bonus)."""
+    mean = entropy.mean()
+    return -coef * mean, {ENTROPY: mean.item()}
 
 
 def policy_gradient_loss(

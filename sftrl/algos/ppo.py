@@ -6,7 +6,7 @@ import torch
 
 from sftrl.algos import losses
 from sftrl.algos.base import PolicyAlgorithm, PolicyContext, register
-from sftrl.algos.sft_pg import dims_averaged, relabel, rescore, rescore_metrics
+from sftrl.algos.sft_pg import dims_averaged, relabel, rescore, rescore_metrics, with_entropy_bonus
 from sftrl.buffer import TransitionBatch
 from sftrl.optim import gradient_step
 
@@ -38,6 +38,7 @@ class PPO(PolicyAlgorithm):
                 log_prob = rescore(ctx, mb)
                 loss, metrics = losses.ppo_clip_loss(log_prob, mb.log_prob, advantage[index], self.settings.ppo_clip,
                                                      dims)
+                loss, metrics = with_entropy_bonus(ctx, mb, self.algo.entropy_coef, loss, metrics)
                 if not out:  # the phase's first step: theta is still the rollouts' own
                     metrics |= rescore_metrics(log_prob, mb, ctx)
                 metrics |= gradient_step(loss, [ctx.optimizer], params, ctx.max_grad_norm, reduce)

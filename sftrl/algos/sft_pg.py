@@ -10,6 +10,7 @@ from sftrl.algos import losses
 from sftrl.algos.base import PolicyAlgorithm, PolicyContext, register
 from sftrl.buffer import TransitionBatch
 from sftrl.diffusion.step import denoise_step
+from sftrl.diffusion.variance import step_entropy
 from sftrl.optim import gradient_step
 
 
@@ -116,4 +117,16 @@ class SFTPG(PolicyAlgorithm):
         reward, values = relabel(ctx, mb)
         log_prob = rescore(ctx, mb)
         loss, metrics = losses.policy_gradient_loss(log_prob, reward, values, weight)
+        loss, metrics = with_entropy_bonus(ctx, mb, self.algo.entropy_coef, loss, metrics)
         return loss, metrics, log_prob
+
+
+def with_entropy_bonus(ctx: PolicyContext, mb: TransitionBatch, coef: float, loss: torch.Tensor,
+                       metrics: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """``loss`` and ``metrics`` with ``algo.entropy_coef``'s bonus on the learned step stds (as
+    they were where it is 0, or the sampler's stds are fixed)."""
+    entropy = step_entropy(ctx.policy, mb.n, ctx.data_shape, ctx.reduction) if coef else None
+    if entropy is None:
+        return loss, metrics
+    bonus, more = losses.entropy_bonus(entropy, coef)
+    return loss + bonus, metrics | more

@@ -19,6 +19,8 @@ attached after the pretrained weights are loaded.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -80,3 +82,18 @@ def step_stds(model: nn.Module) -> torch.Tensor | None:
         return None
     log_std, floor = found
     return floored_std(log_std.detach(), floor)
+
+
+def step_entropy(model: nn.Module, n: torch.Tensor, data_shape: tuple[int, ...], reduction: str) -> torch.Tensor | None:
+    """The entropy of each transition's step Gaussian pi_theta(. | x_n), ``(B,)`` for the steps
+    ``n`` ``(B,)``, with the gradient to ``step_log_std``: over the D data dims,
+    sum_d (log std_n,d + log(2 pi e) / 2), or its mean over the dims under the ``mean`` log-prob
+    reduction (the entropy is reduced like the log-prob it goes with). None for a fixed-variance
+    sampler, whose entropy no parameter moves."""
+    found = learned_log_std(model)
+    if found is None:
+        return None
+    log_std, floor = found
+    per_dim = torch.log(floored_std(log_std, floor))[n]  # (B,) or (B, C): a channel's std covers D / C dims
+    per_dim = (per_dim.mean(dim=1) if per_dim.dim() == 2 else per_dim) + 0.5 * math.log(2.0 * math.pi * math.e)
+    return per_dim * math.prod(data_shape) if reduction == "sum" else per_dim
