@@ -57,6 +57,12 @@ class EvalSettings:
     seed: int = 0
 
 
+def spread_ratio(fake: np.ndarray, real: np.ndarray) -> float:
+    """The samples' spread against the data's: the mean over the dims of std(fake) / std(real)
+    (below 1: under-dispersed, the mode-seeking a critic's reward can drive; above: too wide)."""
+    return float(np.mean(fake.std(axis=0) / np.maximum(real.std(axis=0), 1e-12)))
+
+
 class ToyEvaluator:
     """Scores sampler weights against fresh draws of the real distribution.
 
@@ -80,7 +86,8 @@ class ToyEvaluator:
         return check_finite(sample(self.sampler, self.tables, n, self.data_shape, generator=generator).numpy())
 
     def evaluate(self, weights: NumpyState | None) -> dict[str, float]:
-        """``{"sw2_mean", "sw2_std", "sw2_min", "sw2_max", "sw2_floor_mean", "sw2_floor_std", "exact_w2"}``."""
+        """``{"sw2_mean", "sw2_std", "sw2_min", "sw2_max", "sw2_floor_mean", "sw2_floor_std",
+        "spread_ratio", "exact_w2"}``."""
         s = self.settings
         if weights is not None:
             load_numpy_state(self.sampler, weights)
@@ -101,6 +108,8 @@ class ToyEvaluator:
             "sw2_floor_mean": report.floor_mean,
             "sw2_floor_std": report.floor_std,
         }
+        out["spread_ratio"] = spread_ratio(self.sample(None, s.num_samples, s.seed + 15485863),
+                                           self.data_fn(s.num_samples, s.seed + 32452843))
         if s.exact_w2_points:
             fake = self.sample(None, s.exact_w2_points, s.seed + 7919)
             real = self.data_fn(s.exact_w2_points, s.seed + 104729)

@@ -53,6 +53,7 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run):
     # Seconds since the command started (pretraining included): a time-to-quality curve.
     assert 0 < rows[0]["elapsed_s"] < rows[1]["elapsed_s"]
     assert rows[0]["sw2_floor_mean"] == rows[1]["sw2_floor_mean"]  # the data floor is measured once
+    assert all(0 < r["spread_ratio"] < 10 for r in rows)  # the samples' std against the data's
     assert "| fine-tuned | 20 |" in (run_dir / "report.md").read_text()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter-0000020"
     # The best evaluated sampler is kept beside the checkpoints, and the report and the last lines say where.

@@ -215,3 +215,14 @@ def test_sw2_report_reuses_cached_floors():
 def test_sw2_report_single_draw_std_zero():
     rep = sw2_report(_swiss, _swiss, n=300, draws=1, seed=0)
     assert rep.std == 0.0 and rep.floor_std == 0.0
+
+
+def test_the_spread_ratio_sees_an_under_dispersed_sampler_that_sw2_only_ranks():
+    from sftrl.evaluation import spread_ratio
+
+    rng = np.random.default_rng(0)
+    real = 0.5 + 0.01 * rng.standard_normal((10_000, 2))  # Appendix A's cluster
+    narrow = 0.5 + 0.006 * rng.standard_normal((10_000, 2))  # the Gaussian T' = 2 plateau: 0.6 of the spread
+    assert spread_ratio(narrow, real) == pytest.approx(0.6, rel=0.03)
+    assert spread_ratio(0.5 + 0.01 * rng.standard_normal((10_000, 2)), real) == pytest.approx(1.0, rel=0.03)
+    assert spread_ratio(real, np.full_like(real, 0.5)) > 1e6  # a constant data set divides by the floor, not by 0
