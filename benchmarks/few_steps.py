@@ -149,7 +149,8 @@ def run_row(config: str, variant: str, seed: int, report: Mapping, wall_s: float
         "config": config, "variant": variant, "seed": seed, "ok": True,
         "initial_sw2": initial["sw2_mean"], "sw2": tuned["sw2_mean"], "sw2_std": tuned["sw2_std"],
         "floor": floor, "floor_std": tuned["sw2_floor_std"], "ratio": tuned["sw2_mean"] / floor,
-        "exact_w2": tuned.get("exact_w2"), "iterations": report["iterations"], "wall_s": wall_s,
+        "exact_w2": tuned.get("exact_w2"), "spread_ratio": tuned.get("spread_ratio"),  # std(samples) / std(data)
+        "iterations": report["iterations"], "wall_s": wall_s,
         "fine_tune_s": report["wall_s"], "pretrain": report["pretrain"],
         "curve": list(curve) if curve else [(e.get("iteration"), e["sw2_mean"]) for e in evaluations],
     }
