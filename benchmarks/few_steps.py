@@ -56,8 +56,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("swissroll-t5", "swissroll-t2", "gaussian-t2")
 # Each variant says its variances outright, whatever the config ships (swissroll-t5 learns them).
-# "fixed" also clears model.variance_lr, which a config that learns its variances may set.
-VARIANTS: dict[str, list[str]] = {"fixed": ["model.learn_variance=false", "model.variance_lr=null"],
+# "fixed" also clears model.variance_lr and algo.entropy_coef, which a config that learns its
+# variances may set (both need learned stds).
+VARIANTS: dict[str, list[str]] = {"fixed": ["model.learn_variance=false", "model.variance_lr=null", "algo.entropy_coef=0"],
                                   "learned": ["model.learn_variance=true"]}
 # model.learn_variance starts each step's std at its sigma, and a deterministic step (sigma = 0:
 # FastDPM's and the posterior variance's last step) at diffusion.final_step_std, which must then

@@ -798,7 +798,7 @@ def test_a_standardised_critic_sees_the_real_data_at_unit_scale_and_its_stats_tr
 
     cfg = load(REPO / "configs" / "gaussian-t2.yaml",
                ["model.critic_input=standardised", "model.critic_hidden=[8]", "model.baseline_hidden=[8]",
-                "model.learn_variance=false", "model.variance_lr=null"])
+                "model.learn_variance=false", "model.variance_lr=null", "algo.entropy_coef=0"])
     data = gaussian_cluster(2000, seed=0)  # centre (0.5, 0.5), std 0.01
     critic_learner = make_critic_learner(cfg, InitState(None, (2,)), real_data=data)
     critic = critic_learner.critic

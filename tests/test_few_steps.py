@@ -104,7 +104,10 @@ def test_candidates_table_shows_initial_and_fine_tuned_sw2_and_failures():
 
 
 def test_variants_are_named_override_sets():
-    assert few_steps.parse_variant("fixed") == ("fixed", ["model.learn_variance=false", "model.variance_lr=null"])
+    assert few_steps.parse_variant("fixed") == ("fixed", ["model.learn_variance=false", "model.variance_lr=null",
+                                                          "algo.entropy_coef=0"])
+    for config in CONFIGS:  # every few-step config takes the "fixed" variant (a config's learned-std keys cleared)
+        load(REPO / "configs" / f"{config}.yaml", few_steps.VARIANTS["fixed"])
     assert few_steps.parse_variant("learned") == ("learned", ["model.learn_variance=true"])
     assert few_steps.parse_variant("lr=algo.policy_lr=1e-4,algo.n_generator=3") == (
         "lr", ["algo.policy_lr=1e-4", "algo.n_generator=3"])
