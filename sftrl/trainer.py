@@ -330,8 +330,9 @@ class Trainer:
         limit = self.cfg.trainer.stop_above_best
         score, best = score_of(result), best_of(self.evaluations)
         best_score = score_of(best) if best is not None else None
-        if not limit or score is None or best is None or best_score is None or score[1] <= limit * best_score[1]:
-            return None
+        if (not limit or score is None or best is None or best_score is None or best_score[1] <= 0
+                or score[1] <= limit * best_score[1]):
+            return None  # (a best of 0 has no multiple to exceed)
         metric, value = score
         kept = (f"the best sampler is kept in {self.run_dir / BEST_FILE}" if self.cfg.trainer.keep_best
                 else "trainer.keep_best is off, so no best sampler was kept")
