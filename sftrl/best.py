@@ -3,11 +3,10 @@ checkpoints as ``RUN/best-sampler.pt`` (``trainer.keep_best``).
 
 A fine-tuned sampler can drift back after its best evaluation (digits, seed 0: FID 5.4 at
 iteration 200, 7.8 at 250); the last checkpoint then holds a worse sampler than the run has seen.
-The file is an
-sftrl sampler checkpoint (``sftrl.pretraining.SAMPLER_FORMAT``) with a ``best`` entry (the
-iteration, the metric and its value), so ``sftrl sample / export / eval RUN --best`` read it and
-``model.checkpoint=RUN/best-sampler.pt`` starts another run from it. The score is the FID where an
-evaluation has one, else the mean SW2; lower is better for both.
+The file is an sftrl sampler checkpoint (``sftrl.pretraining.SAMPLER_FORMAT``) with a ``best``
+entry (the iteration, the metric and its value), so ``sftrl sample / export / eval RUN --best``
+read it and ``model.checkpoint=RUN/best-sampler.pt`` starts another run from it. The score is the
+FID where an evaluation has one, else the mean SW2; lower is better for both.
 """
 
 from __future__ import annotations
@@ -40,16 +39,11 @@ def best_of(evaluations: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def is_new_best(result: dict[str, Any], before: list[dict[str, Any]]) -> bool:
-    """Whether ``result`` scores below every evaluation in ``before`` (by the same metric)."""
-    score = score_of(result)
-    if score is None:
-        return False
-    best = best_of(before)
-    if best is None:
-        return True
-    metric, value = score
-    best_score = score_of(best)
-    return best_score is None or best_score[0] != metric or value < best_score[1]
+    """Whether ``result`` scores below every evaluation in ``before`` (a run scores all its
+    evaluations by one metric)."""
+    score, best = score_of(result), best_of(before)
+    best_score = score_of(best) if best is not None else None
+    return score is not None and (best_score is None or score[1] < best_score[1])
 
 
 def best_entry(result: dict[str, Any]) -> dict[str, Any]:
@@ -73,9 +67,10 @@ def save_best(run_dir: Path, state: dict[str, Any], cfg, entry: dict[str, Any]) 
     return torch_save_atomic(ckpt, Path(run_dir) / BEST_FILE)
 
 
-def read_best(run_dir: Path) -> dict[str, Any] | None:
-    """The ``best`` entry of ``RUN/best-sampler.pt`` (None where there is no such file); an
-    unreadable file raises :class:`sftrl.pretraining.SamplerCheckpointError` naming it."""
+def load_best(run_dir: Path) -> dict[str, Any] | None:
+    """``RUN/best-sampler.pt`` as read (tensors memory-mapped), None where there is no such file;
+    an unreadable file, or one without a ``best`` entry, raises
+    :class:`sftrl.pretraining.SamplerCheckpointError` naming it."""
     from sftrl.pretraining import SAMPLER_FORMAT, SamplerCheckpointError, read_torch_file
 
     path = Path(run_dir) / BEST_FILE
@@ -85,4 +80,10 @@ def read_best(run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(ckpt, dict) or ckpt.get("format") != SAMPLER_FORMAT or not isinstance(ckpt.get("best"), dict):
         raise SamplerCheckpointError(f"'{path}' is not a best sampler of an sftrl run (expected format "
                                      f"'{SAMPLER_FORMAT}' with a 'best' entry)")
-    return dict(ckpt["best"])
+    return ckpt
+
+
+def read_best(run_dir: Path) -> dict[str, Any] | None:
+    """The ``best`` entry of ``RUN/best-sampler.pt`` (None where there is no such file)."""
+    ckpt = load_best(run_dir)
+    return dict(ckpt["best"]) if ckpt is not None else None

@@ -134,22 +134,23 @@ def _load_best(run: Path, cfg, checkpoint: str | None):
     """``_load_run`` of ``--best``: the sampler in ``RUN/best-sampler.pt`` (adapters merged)."""
     import torch
 
-    from sftrl.best import BEST_FILE, read_best
+    from sftrl.best import BEST_FILE, load_best
     from sftrl.checkpoint import CheckpointError
     from sftrl.models import build_networks
-    from sftrl.pretraining import load_sampler_checkpoint, read_torch_file
+    from sftrl.pretraining import load_sftrl_checkpoint
 
     if checkpoint:
         raise ValueError("--best and --checkpoint each name the sampler to use: give one of them")
     path = run / BEST_FILE
-    entry = read_best(run)
-    if entry is None:
+    ckpt = load_best(run)  # read once
+    if ckpt is None:
         raise CheckpointError(f"run '{run}' has no best sampler ({path} is not there): a run writes it at its first "
                               "scored evaluation when trainer.keep_best is on (the default); drop --best to use "
                               "the run's latest checkpoint")
-    data_shape = _data_shape(cfg, read_torch_file(path)["state_dict"])
+    entry = ckpt["best"]
+    data_shape = _data_shape(cfg, ckpt["state_dict"])
     sampler, _, _ = build_networks(cfg, data_shape)
-    load_sampler_checkpoint(path, sampler, cfg)
+    load_sftrl_checkpoint(path, ckpt, sampler, cfg)
     print(f"the best sampler of run '{run}': iteration {entry.get('iteration')}, {entry.get('metric')} "
           f"{entry.get('value', float('nan')):.4g} ({path})", file=sys.stderr)
     torch.set_num_threads(cfg.torch_threads)

@@ -214,7 +214,9 @@ def read_torch_file(path: Path):
         ) from None
 
 
-def _load_sftrl_checkpoint(path: Path, ckpt, model: nn.Module, cfg: Config) -> dict:
+def load_sftrl_checkpoint(path: Path, ckpt, model: nn.Module, cfg: Config) -> dict:
+    """Load ``ckpt``, the sftrl sampler checkpoint read from ``path``, into ``model`` after
+    checking it is one and matches ``cfg``."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != SAMPLER_FORMAT:
         raise SamplerCheckpointError(
             f"'{path}' is not an sftrl sampler checkpoint (expected format '{SAMPLER_FORMAT}')"
@@ -236,7 +238,7 @@ def load_sampler_checkpoint(path: Path, model: nn.Module, cfg: Config) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise SamplerCheckpointError(f"sampler checkpoint '{path}' not found (model.checkpoint)")
-    return _load_sftrl_checkpoint(path, read_torch_file(path), model, cfg)
+    return load_sftrl_checkpoint(path, read_torch_file(path), model, cfg)
 
 
 def _one_line_mismatch(path: Path, err: CheckpointMismatchError, model: nn.Module,
@@ -284,7 +286,7 @@ def load_initial_checkpoint(path: str | Path, model: nn.Module, cfg: Config) -> 
         raise SamplerCheckpointError(f"sampler checkpoint '{path}' not found (model.checkpoint)")
     ckpt = read_torch_file(path)
     if isinstance(ckpt, dict) and "format" in ckpt:
-        _load_sftrl_checkpoint(path, ckpt, model, cfg)
+        load_sftrl_checkpoint(path, ckpt, model, cfg)
         return {"source": "checkpoint", "format": SAMPLER_FORMAT, "path": str(path), "seconds": 0.0}
     if cfg.model.sampler != "unet":
         raise SamplerCheckpointError(

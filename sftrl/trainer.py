@@ -307,21 +307,20 @@ class Trainer:
                 continue
             result = {"iteration": finished.iteration, "policy_version": finished.version, **finished.result}
             drawn = result.pop("pictures", None)  # arrays, not metrics
-            before = list(self.evaluations)
             self.evaluations.append(result)
             self.log.write({"iteration": finished.iteration,
                             **{f"eval/{k}": v for k, v in result.items() if k != "iteration"}})
             if drawn:
                 self.save_pictures(finished.iteration, drawn)
-            self.keep_if_best(finished, result, before)
+            self.keep_if_best(finished, result)
             self.diverged = self.diverged or self.divergence(result)
             done.append(result)
         return done
 
-    def keep_if_best(self, finished: Finished, result: dict[str, Any], before: list[dict[str, Any]]) -> None:
+    def keep_if_best(self, finished: Finished, result: dict[str, Any]) -> None:
         """Save the scored weights as ``RUN/best-sampler.pt`` when they beat every earlier
-        evaluation of the run (``trainer.keep_best``)."""
-        if self.cfg.trainer.keep_best and finished.weights is not None and is_new_best(result, before):
+        evaluation of the run (``trainer.keep_best``; ``result`` is the last evaluation)."""
+        if self.cfg.trainer.keep_best and finished.weights is not None and is_new_best(result, self.evaluations[:-1]):
             save_best(self.run_dir, finished.weights, self.cfg, best_entry(result))
 
     def divergence(self, result: dict[str, Any]) -> str | None:
