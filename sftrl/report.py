@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from sftrl.best import BEST_FILE
 from sftrl.config import Config
 from sftrl.configtools import to_dict
 from sftrl.files import write_text_atomic
@@ -47,22 +48,28 @@ def evaluation_rows(evaluations: list[dict]) -> list[dict]:
 def best_evaluation(run_dir: Path, cfg: Config, evaluations: list[dict]) -> dict | None:
     """The evaluation that scored lowest (``sftrl.best``): iteration, metric, value, and the file
     holding its sampler (None where ``trainer.keep_best`` is off)."""
-    from sftrl.best import BEST_FILE, best_of, score_of
+    from sftrl.best import best_of, read_best, score_of
+    from sftrl.pretraining import SamplerCheckpointError
 
     best = best_of(evaluations)
     if best is None:
         return None
     metric, value = score_of(best) or ("", float("nan"))
-    kept = cfg.trainer.keep_best and (run_dir / BEST_FILE).is_file()
+    try:
+        entry = read_best(run_dir) if cfg.trainer.keep_best else None
+    except SamplerCheckpointError:
+        entry = None
+    kept = entry is not None and entry.get("iteration") == best["iteration"]  # the file holds this very sampler
     return {"iteration": best["iteration"], "metric": metric, "value": value, "file": BEST_FILE if kept else None}
 
 
-def best_line(best: dict, run_dir: Path) -> str:
+def best_line(best: dict, run_dir: Path, keep_best: bool = True) -> str:
     """The report's sentence on the best evaluation."""
     value = f"{best['value'] / SCALE:.2f} (x1e-2)" if best["metric"] == "sw2_mean" else f"{best['value']:.2f}"
     name = "SW2" if best["metric"] == "sw2_mean" else best["metric"].upper()
     where = (f"its sampler is kept in `{best['file']}` (`sftrl sample {run_dir} --best`)" if best["file"]
-             else "its sampler was not kept (trainer.keep_best: false)")
+             else "its sampler was not kept (trainer.keep_best: false)" if not keep_best
+             else f"its sampler could not be written to `{BEST_FILE}` (see Events)")
     return f"Best evaluation: iteration {best['iteration']}, {name} {value}; {where}."
 
 
@@ -236,7 +243,7 @@ def write_report(
             "training images (at most 50,000)."
         ),
         "",
-        *([best_line(report["best"], run_dir), ""] if report["best"] else []),
+        *([best_line(report["best"], run_dir, cfg.trainer.keep_best), ""] if report["best"] else []),
         "## Run",
         "",
         f"- iterations: {iterations}"

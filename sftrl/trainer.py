@@ -320,8 +320,15 @@ class Trainer:
     def keep_if_best(self, finished: Finished, result: dict[str, Any]) -> None:
         """Save the scored weights as ``RUN/best-sampler.pt`` when they beat every earlier
         evaluation of the run (``trainer.keep_best``; ``result`` is the last evaluation)."""
-        if self.cfg.trainer.keep_best and finished.weights is not None and is_new_best(result, self.evaluations[:-1]):
+        if not (self.cfg.trainer.keep_best and finished.weights is not None and is_new_best(result, self.evaluations[:-1])):
+            return
+        try:
             save_best(self.run_dir, finished.weights, self.cfg, best_entry(result))
+        except OSError as err:  # a copy beside the run's state: its loss must not stop the training
+            detail = f"{self.run_dir / BEST_FILE} not written ({type(err).__name__}: {err}); the previous one, if any, is kept"
+            print(f"warning: the best sampler (iteration {finished.iteration}): {detail}; the run goes on", file=sys.stderr)
+            self.ledger.event(finished.iteration, "best_sampler_not_saved", detail)
+            self.log.write({"iteration": finished.iteration, "event": "best_sampler_not_saved", "detail": detail})
 
     def divergence(self, result: dict[str, Any]) -> str | None:
         """Why the run stops (``trainer.stop_above_best``): the evaluation scored above that

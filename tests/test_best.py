@@ -145,3 +145,19 @@ def test_a_resumed_run_says_when_the_best_sampler_is_from_after_its_checkpoint(t
     # Its own iteration 4 scores 3.5, below the best before the checkpoint (4.0): it replaces the file.
     assert read_best(run_dir) == {"iteration": 4, "policy_version": 4, "metric": "sw2_mean", "value": 3.5}
     assert all(np.array_equal(v, scored[0][k]) for k, v in _kept_state(run_dir).items())
+
+
+def test_a_best_sampler_that_cannot_be_written_is_a_warning_and_an_event_and_the_run_goes_on(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    trainer, _ = _trainer(run_dir, [5.0, 3.0, 4.0, 2.0], "trainer.checkpoint_every=2")
+    (run_dir / BEST_FILE).mkdir()  # something in the way (a folder of that name, a read-only file)
+    (run_dir / BEST_FILE / "mine.txt").write_text("kept")
+    trainer.fit()
+    assert trainer.iteration == 6 and len(trainer.evaluations) == 4
+    assert load_checkpoint(latest_checkpoint(run_dir))["iteration"] == 6  # the run's state is whole
+    assert (run_dir / BEST_FILE / "mine.txt").read_text() == "kept"
+    assert not list(run_dir.glob(f".{BEST_FILE}*"))  # no temporary file left behind
+    events = [e for e in trainer.events if e["event"] == "best_sampler_not_saved"]
+    assert [e["iteration"] for e in events] == [0, 2, 6]  # each new best tried, 4 was no best
+    assert "IsADirectoryError" in events[0]["detail"]
+    assert "warning: the best sampler (iteration 0)" in capsys.readouterr().err
