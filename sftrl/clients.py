@@ -18,7 +18,7 @@ from sftrl.critic import CriticLearner
 from sftrl.handles import Handle
 from sftrl.learner import Learner
 from sftrl.rollout import RolloutWorker
-from sftrl.weights import Weights
+from sftrl.weights import NumpyState, Weights
 
 Future = Any  # a value (local component) or a Ray ObjectRef to one (actor)
 Metrics = list[dict[str, float]]
@@ -130,6 +130,9 @@ class LearnerClient(Client):
     def load_state_dict(self, state: dict) -> Future:
         return self.handle.call(Learner.load_state_dict, state)
 
+    def set_reference(self, state: NumpyState, iteration: int) -> Future:
+        return self.handle.call(Learner.set_reference, state, iteration)
+
 
 def combine_shards(steps: tuple[dict[str, float], ...]) -> dict[str, float]:
     """One policy step's metrics from the members' (a key some members lack: over those that have it)."""
@@ -166,6 +169,9 @@ class LearnerGroup(LearnerClient):
 
     def load_state_dict(self, state: dict) -> Future:
         return [m.load_state_dict(state) for m in self._members]
+
+    def set_reference(self, state: NumpyState, iteration: int) -> Future:
+        return [m.set_reference(state, iteration) for m in self._members]
 
     def ping(self) -> None:
         for m in self._members:

@@ -18,6 +18,7 @@ from sftrl.diffusion.variance import LOG_STD_KEY, step_stds
 from sftrl.lora import is_adapted, merged_state
 from sftrl.perf import runner
 from sftrl.weights import (
+    NumpyState,
     Weights,
     frozen_keys,
     load_numpy_state,
@@ -148,6 +149,7 @@ class Learner:
             self.ema.update_parameters(self.policy)  # the first call copies: the average starts at theta_0
         self.version = 0
         self.critic_version = -1
+        self.reference_iteration: int | None = None  # the evaluation ctx.reference was moved to (None: theta_0)
 
     def get_weights(self) -> Weights:
         """theta as numpy arrays, with its version: what the rollout workers run. Over a frozen
@@ -172,6 +174,14 @@ class Learner:
             load_numpy_state(self.ctx.critic, critic.state["critic"])
             load_numpy_state(self.ctx.baseline, critic.state["baseline"])
             self.critic_version = critic.version
+
+    def set_reference(self, state: NumpyState, iteration: int) -> None:
+        """Move ``ctx.reference`` to a sampler's weights (``get_sampler_weights``' state: the
+        run's best evaluation, at ``iteration``), for an algorithm whose reference follows it."""
+        if self.ctx.reference is None:
+            raise RuntimeError(f"{self.algorithm.name} keeps no reference sampler to move")
+        load_numpy_state(self.ctx.reference, state)
+        self.reference_iteration = iteration
 
     def update_policy(self, data: TransitionBatch | None, critic: Weights) -> list[dict[str, float]]:
         """One generator phase with the given critic version; returns per-step metrics."""
@@ -222,6 +232,9 @@ class Learner:
             "version": self.version,
             "lr_schedule": self.lr_schedule.state_dict() if self.lr_schedule is not None else {},
             "ema": ema,
+            # a reference moved off theta_0 (reference_follows_best): theta_0 is rebuilt, this is not
+            **({"reference": self.ctx.reference.state_dict(), "reference_iteration": self.reference_iteration}
+               if self.ctx.reference is not None and self.reference_iteration is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -232,6 +245,9 @@ class Learner:
         self.version = state["version"]
         if self.lr_schedule is not None and state.get("lr_schedule"):
             self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if state.get("reference") is not None and self.ctx.reference is not None:
+            self.ctx.reference.load_state_dict(state["reference"])
+            self.reference_iteration = state["reference_iteration"]
         if self.ema is not None:
             if state.get("ema"):  # over a frozen base: the policy's base, the averaged trainable tensors
                 self.ema.load_state_dict({**{f"module.{k}": v for k, v in state["policy"].items()}, **state["ema"]})

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from sftrl.algos import PluginError, algorithm_class
+from sftrl.algos import PluginError, algorithm_class, make_algorithm
 from sftrl.algos.base import DataNeed
 from sftrl.config import Config
 from sftrl.configtools import ConfigError
@@ -112,6 +112,7 @@ class RunPlan:
     data_need: DataNeed  # what the algorithm learns from (``PolicyAlgorithm.data``)
     num_workers: int
     seeds: Seeds
+    reference_follows_best: bool = False  # the learner's reference moves to each new best evaluation
 
     @classmethod
     def of(cls, cfg: Config) -> RunPlan:
@@ -138,9 +139,12 @@ class RunPlan:
                 "paper's image code: 0.001) or use a stochastic schedule", key="diffusion.schedule")
         if cfg.model.learn_variance:
             check_learned_variance(cfg, schedule)
+        follows_best = algorithm.needs_reference and make_algorithm(a.name, a).reference_follows_best
+        if follows_best:
+            check_reference_follows_best(cfg)
         return cls(schedule=schedule, trainable_steps=steps, n_critic=a.n_critic, n_generator=a.n_generator,
                    batch_size=a.batch_size, data_need=data_need, num_workers=cfg.rollout.num_workers,
-                   seeds=Seeds(cfg.seed))
+                   seeds=Seeds(cfg.seed), reference_follows_best=follows_best)
 
     @property
     def chains_per_iteration(self) -> int:
@@ -162,3 +166,17 @@ class RunPlan:
 
 def worker_name(index: int) -> str:
     return f"worker-{index}"
+
+
+def check_reference_follows_best(cfg: Config) -> None:
+    """A reference that follows the run's best evaluation (``algo.<name>.reference: best``) needs
+    evaluations, and the evaluated weights in the reference's own form (a plain network's)."""
+    where = f"algo.{cfg.algo.name}.reference"
+    if not cfg.trainer.eval_every:
+        raise ConfigError(f"'{where}' = 'best' is invalid with trainer.eval_every = 0: the reference moves to the "
+                          "run's best evaluation, and this run evaluates only at its end; set trainer.eval_every "
+                          "(e.g. 50), or use 'pretrained'", key=where)
+    if cfg.model.lora_rank:
+        raise ConfigError(f"'{where}' = 'best' is invalid with model.lora_rank = {cfg.model.lora_rank}: the best "
+                          "sampler is evaluated with its adapters merged, which the adapted reference cannot load; "
+                          "use 'pretrained' with LoRA", key=where)

@@ -291,6 +291,8 @@ class Trainer:
         weights = self.system.learner.resolve(self.system.learner.get_sampler_weights())
         self.background.start(self.iteration, weights.version, weights.state)
         self._last_evaluated = self.iteration
+        if self.plan.reference_follows_best:  # scored before the next update: the same anchor in every run
+            self.collect_evaluations(wait=True)
 
     def collect_evaluations(self, *, wait: bool = False) -> list[dict[str, Any]]:
         """Log the evaluations that have finished (all of them with ``wait``), in order. One that
@@ -313,6 +315,7 @@ class Trainer:
             if drawn:
                 self.save_pictures(finished.iteration, drawn)
             self.keep_if_best(finished, result)
+            self.move_reference_if_best(finished, result)
             self.diverged = self.diverged or self.divergence(result)
             done.append(result)
         return done
@@ -329,6 +332,17 @@ class Trainer:
             print(f"warning: the best sampler (iteration {finished.iteration}): {detail}; the run goes on", file=sys.stderr)
             self.ledger.event(finished.iteration, "best_sampler_not_saved", detail)
             self.log.write({"iteration": finished.iteration, "event": "best_sampler_not_saved", "detail": detail})
+
+    def move_reference_if_best(self, finished: Finished, result: dict[str, Any]) -> None:
+        """Move the learner's reference (an algorithm's KL anchor) to the scored weights when they
+        beat every earlier evaluation and the algorithm's reference follows the best."""
+        if not (self.plan.reference_follows_best and finished.weights is not None
+                and is_new_best(result, self.evaluations[:-1])):
+            return
+        learner = self.system.learner
+        learner.resolve(learner.set_reference(finished.weights, finished.iteration))
+        self.log.write({"iteration": finished.iteration, "event": "reference_moved",
+                        "detail": f"the KL's reference is the sampler of iteration {finished.iteration}"})
 
     def divergence(self, result: dict[str, Any]) -> str | None:
         """Why the run stops (``trainer.stop_above_best``): the evaluation scored above that

@@ -19,6 +19,8 @@ also sees the whole ``algo`` section as ``self.algo`` (the shared settings: ``ba
 
 An algorithm that sets ``needs_reference = True`` gets ``PolicyContext.reference``: a frozen copy
 of the sampler fine-tuning started from (the pretrained one, theta_0), e.g. for a KL penalty to it.
+One whose ``reference_follows_best`` is true has the trainer move that copy to the run's best
+evaluated sampler after each new best (``Learner.set_reference``).
 """
 
 from __future__ import annotations
@@ -130,6 +132,11 @@ class PolicyAlgorithm(abc.ABC):
         """``algo``: the whole ``algo`` section (None: ``settings`` is it)."""
         self.settings = settings
         self.algo = algo if algo is not None else settings
+
+    @property
+    def reference_follows_best(self) -> bool:
+        """Whether ``ctx.reference`` follows the run's best evaluated sampler (False: it stays theta_0)."""
+        return False
 
     @abc.abstractmethod
     def update(self, ctx: PolicyContext, data: TransitionBatch | None) -> list[dict[str, float]]:
