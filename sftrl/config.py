@@ -187,7 +187,7 @@ ALGORITHM_SETTINGS = NamedSections("algorithm", _algorithm_names, _algorithm_set
 class AlgoConfig:
     name: str = doc_field(
         "sft-pg", "Policy-gradient algorithm: sft-pg (the paper), sft-pg-kl (sft-pg plus beta x the KL to the pretrained "
-        "sampler, algo.sft-pg-kl.beta), ppo, sft (pathwise), or the name of an installed "
+        "sampler or the run's best, algo.sft-pg-kl.beta and .reference), ppo, sft (pathwise), or the name of an installed "
         "plug-in (entry-point group sftrl.algorithms), whose own settings are read from algo.<name>.",
     )
     critic_regulariser: Literal["B", "GP"] = doc_field(
