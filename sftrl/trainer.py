@@ -314,17 +314,18 @@ class Trainer:
                             **{f"eval/{k}": v for k, v in result.items() if k != "iteration"}})
             if drawn:
                 self.save_pictures(finished.iteration, drawn)
-            self.keep_if_best(finished, result)
-            self.move_reference_if_best(finished, result)
+            if finished.weights is not None and is_new_best(result, self.evaluations[:-1]):
+                if self.cfg.trainer.keep_best:
+                    self.keep_best(finished, result)
+                if self.plan.reference_follows_best:
+                    self.move_reference(finished)
             self.diverged = self.diverged or self.divergence(result)
             done.append(result)
         return done
 
-    def keep_if_best(self, finished: Finished, result: dict[str, Any]) -> None:
-        """Save the scored weights as ``RUN/best-sampler.pt`` when they beat every earlier
-        evaluation of the run (``trainer.keep_best``; ``result`` is the last evaluation)."""
-        if not (self.cfg.trainer.keep_best and finished.weights is not None and is_new_best(result, self.evaluations[:-1])):
-            return
+    def keep_best(self, finished: Finished, result: dict[str, Any]) -> None:
+        """Save the scored weights of a new best evaluation as ``RUN/best-sampler.pt``
+        (``trainer.keep_best``)."""
         try:
             save_best(self.run_dir, finished.weights, self.cfg, best_entry(result))
         except OSError as err:  # a copy beside the run's state: its loss must not stop the training
@@ -333,12 +334,9 @@ class Trainer:
             self.ledger.event(finished.iteration, "best_sampler_not_saved", detail)
             self.log.write({"iteration": finished.iteration, "event": "best_sampler_not_saved", "detail": detail})
 
-    def move_reference_if_best(self, finished: Finished, result: dict[str, Any]) -> None:
-        """Move the learner's reference (an algorithm's KL anchor) to the scored weights when they
-        beat every earlier evaluation and the algorithm's reference follows the best."""
-        if not (self.plan.reference_follows_best and finished.weights is not None
-                and is_new_best(result, self.evaluations[:-1])):
-            return
+    def move_reference(self, finished: Finished) -> None:
+        """Move the learner's reference (an algorithm's KL anchor) to the scored weights of a new
+        best evaluation (``PolicyAlgorithm.reference_follows_best``)."""
         learner = self.system.learner
         learner.resolve(learner.set_reference(finished.weights, finished.iteration))
         self.log.write({"iteration": finished.iteration, "event": "reference_moved",

@@ -4,10 +4,10 @@ Each policy step minimises
 
     L = L_Eq.20 + beta * mean over the minibatch of KL(pi_theta(. | x_n) || pi_theta_0(. | x_n))
 
-where theta_0 is the sampler fine-tuning started from (frozen: ``PolicyContext.reference``) and
-x_n are the buffer's states (``reference: pretrained``, the default, DPOK's guard). Both steps are Gaussians, so each KL is in closed form
-(``step.gaussian_kl``, reduced over the data dims like the log-prob); with fixed variances it is
-the squared distance of the two means over 2 std_n^2. The penalty keeps the sampler near the
+where theta_0 is the sampler fine-tuning started from (frozen: ``PolicyContext.reference``; the
+default ``reference: pretrained``, DPOK's guard) and x_n are the buffer's states. Both steps are
+Gaussians, so each KL is in closed form (``step.gaussian_kl``, reduced over the data dims like the
+log-prob); with fixed variances it is the squared distance of the two means over 2 std_n^2. The penalty keeps the sampler near the
 pretrained one: where plain SFT-PG drifts after its best point, the KL holds it back.
 
 A nearly deterministic last step (``diffusion.final_step_std`` 0.001 on images) weighs a shift of
@@ -26,8 +26,8 @@ before the next update in this mode (``PolicyAlgorithm.reference_follows_best``)
 moves at the same iterations in every run of a seed and a resume repeats it.
 
 Written against the plug-in interface only (``settings_class``, ``needs_reference``): its
-settings are read from ``algo.sft-pg-kl`` (``beta``, ``min_std``, ``reference``); the shared ones (``algo.max_importance_weight``)
-from ``algo``.
+settings are read from ``algo.sft-pg-kl`` (``beta``, ``min_std``, ``reference``), the shared ones
+(``algo.max_importance_weight``) from ``algo``.
 """
 
 from __future__ import annotations
