@@ -112,6 +112,7 @@ class Trainer:
         self._previous_end: float | None = None  # perf_counter() at the end of the last step
         self._saved: tuple | None = None  # (iteration, evaluations, events) of the last checkpoint
         self.diverged: str | None = None  # why the run stops on its score (trainer.stop_above_best)
+        self._said_unscored = False  # warned that an unscored run's best-following reference cannot move
 
     @property
     def counters(self) -> dict[str, int]:
@@ -314,6 +315,12 @@ class Trainer:
                             **{f"eval/{k}": v for k, v in result.items() if k != "iteration"}})
             if drawn:
                 self.save_pictures(finished.iteration, drawn)
+            if self.plan.reference_follows_best and score_of(result) is None and not self._said_unscored:
+                self._said_unscored = True  # once: every evaluation of the run is alike
+                print(f"warning: algo.{self.cfg.algo.name}.reference is 'best', but this run's evaluations have no "
+                      f"score ({'the FID is skipped, as said above' if result.get('fid_skipped') else 'no FID or SW2'}), so the KL stays anchored at the "
+                      "pretrained sampler; make the FID available (`sftrl weights inception` or "
+                      "trainer.fid_weights=FILE), or use 'pretrained'", file=sys.stderr)
             if finished.weights is not None and is_new_best(result, self.evaluations[:-1]):
                 if self.cfg.trainer.keep_best:
                     self.keep_best(finished, result)

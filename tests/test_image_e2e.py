@@ -150,6 +150,23 @@ def test_cifar10_config_runs_from_a_plain_ddpm_state_dict(tmp_path):
     assert "FID/KID skipped" in result.stderr
 
 
+def test_a_best_following_kl_without_a_score_says_its_anchor_stays_and_the_run_completes(tmp_path):
+    """reference: best on an image run whose FID is skipped (no Inception weights): one warning
+    naming the key and the fix; the run still ends with its checkpoint, the anchor never moved."""
+    data = write_cifar_batches(tmp_path / "cifar")
+    checkpoint = tmp_path / "ddpm_cifar10_ema.pt"
+    torch.save(tiny_unet(3, 32).state_dict(), checkpoint)
+    run_dir = tmp_path / "run"
+    result = run_image_config("configs/cifar10.yaml", run_dir, [
+        f"data.path={data}", f"model.checkpoint={checkpoint}", "algo.name=sft-pg-kl",
+        "algo.sft-pg-kl.reference=best", "trainer.eval_every=1"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = [line for line in result.stderr.splitlines() if "algo.sft-pg-kl.reference is 'best'" in line]
+    assert len(said) == 1 and "anchored at the pretrained sampler" in said[0] and "sftrl weights inception" in said[0]
+    assert "reference" not in load_checkpoint(latest_checkpoint(run_dir))["learner"]  # still theta_0
+    assert "reference_moved" not in (run_dir / "metrics.jsonl").read_text()
+
+
 def test_celeba_config_runs_from_the_ddim_training_list(tmp_path):
     folder = write_celeba_jpegs(tmp_path / "celeba")
     unet = tiny_unet(3, 16)
