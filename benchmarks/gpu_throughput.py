@@ -177,7 +177,7 @@ def run_config(name: str, device: torch.device, small: bool, work: Path, lag: in
         return statistics.median(x[key] for x in steady)
     chains = cfg.algo.n_critic * cfg.algo.batch_size
     out = {key: median(key) for key in ("time/iteration_s", "time/rollout_s", "time/critic_s", "time/learner_s",
-                                        "bytes/rollout_blocks", "bytes/policy_batch")}
+                                        "time/learner_gather_s", "bytes/rollout_blocks", "bytes/policy_batch")}
     out["chains_per_s"] = chains / out["time/iteration_s"]
     out["config_hours"] = load_iterations(name) * out["time/iteration_s"] / 3600
     return out
@@ -250,12 +250,13 @@ def markdown(result: dict) -> str:
                      if "ray_actor_vs_bare_compiled" in worker else "")]
     runs = result["parts"].get("runs", {})
     if runs.get("ok"):
-        lines += ["", "| run | s/iteration | chains/s | rollout s | critic s | learner s | MB blocks | MB policy batch "
-                      "| hours for the config |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| run | s/iteration | chains/s | rollout s | critic s | learner s | learner's gather s | "
+                      "MB blocks | MB policy batch | hours for the config |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in runs.items():
             if isinstance(r, dict):
                 lines.append(f"| {name} | {r['time/iteration_s']:.3f} | {r['chains_per_s']:.0f} | "
                              f"{r['time/rollout_s']:.3f} | {r['time/critic_s']:.3f} | {r['time/learner_s']:.3f} | "
+                             f"{r.get('time/learner_gather_s', float('nan')):.3f} | "
                              f"{r['bytes/rollout_blocks'] / 1e6:.1f} | {r['bytes/policy_batch'] / 1e6:.1f} | "
                              f"{r['config_hours']:.1f} |")
     scaling = result["parts"].get("scaling", {})
@@ -281,6 +282,8 @@ def main() -> None:
              "python": platform.python_version(), "cpus": os.cpu_count(),
              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     result: dict = {"facts": facts, "parts": {}}
+    from sftrl.files import write_atomic
+
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="sftrl-throughput-") as tmp:
         work = Path(tmp)
@@ -301,8 +304,7 @@ def main() -> None:
             print(f"{name}: {'ok' if outcome['ok'] else 'FAILED ' + outcome['error'][:500]} ({outcome['wall_s']:.0f} s)",
                   file=sys.stderr, flush=True)
             result["markdown"] = markdown(result)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2, default=str))
+            write_atomic(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2, default=str)))
     print(result["markdown"])
 
 

@@ -5,9 +5,13 @@ process boundaries; numpy moves through Ray's object store far faster than torch
 The buffer hands out uniformly sampled *transitions* (x_n, x_{n-1}, n, x_0, behaviour log-prob,
 policy version). Rewards are not stored: the learner relabels them with the current critic.
 
-The buffer holds block *handles* and a ``resolve`` function from a list of handles to their
-blocks: locally a handle is the block itself; the Ray layer stores object references and resolves
-them with ``ray.get`` (one call for all the blocks a draw needs, fetched in parallel).
+The buffer holds block *handles* and decides which transitions a generator phase learns from: a
+``Draw`` names them by (block, step, chain), a few bytes per transition. The learner gathers them
+itself (``gather``) from the blocks it is handed beside the draw, so the transitions' states never
+travel through the buffer: with Ray the blocks reach the learner's node once, while the critic
+works on them, and the buffer's node never fetches one. ``sample`` and ``all_transitions`` gather
+in the buffer's own process with its ``resolve`` function from a list of handles to their blocks
+(locally a handle is the block itself; through Ray, ``ray.get``).
 """
 
 from __future__ import annotations
@@ -134,6 +138,61 @@ def gather_transitions(block: TrajectoryBlock, steps: np.ndarray, chains: np.nda
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Draw:
+    """Which transitions a generator phase learns from, in order: row r is step ``step[r]`` of
+    chain ``chain[r]`` of the block ``block_ids[block[r]]``. ``gather`` makes the
+    ``TransitionBatch`` of it from the blocks themselves."""
+
+    block_ids: tuple[str, ...]
+    block: np.ndarray  # (R,) int64 index into block_ids
+    step: np.ndarray  # (R,) int64 index k into the block's S steps
+    chain: np.ndarray  # (R,) int64 chain of the block
+
+    def __len__(self) -> int:
+        return len(self.block)
+
+    @property
+    def nbytes(self) -> int:
+        return self.block.nbytes + self.step.nbytes + self.chain.nbytes
+
+
+def gather(draw: Draw, blocks: Sequence[TrajectoryBlock]) -> TransitionBatch:
+    """The transitions of ``draw`` from ``blocks`` (which hold every block the draw names, in any
+    order; others are ignored): one copy of each row's states."""
+    by_id = {block.block_id: block for block in blocks}
+    missing = [block_id for block_id in draw.block_ids if block_id not in by_id]
+    if missing:
+        raise ValueError(f"the draw names blocks {missing[:3]} that were not handed over with it "
+                         f"(given: {sorted(by_id)[:3]}...)")
+    used = [by_id[block_id] for block_id in draw.block_ids]
+    if not used or len(draw) == 0:
+        raise ValueError("an empty draw: no transitions to gather")
+    first = used[0]
+    shape = first.xs.shape[2:]
+    rows = len(draw)
+    out = TransitionBatch(
+        x_n=np.empty((rows, *shape), first.xs.dtype),
+        x_prev=np.empty((rows, *shape), first.xs.dtype),
+        x_0=np.empty((rows, *shape), first.xs.dtype),
+        n=np.empty(rows, first.ns.dtype),
+        log_prob=np.empty(rows, first.log_probs.dtype),
+        version=np.empty(rows, np.int64),
+    )
+    for index, block in enumerate(used):
+        mine = np.nonzero(draw.block == index)[0]
+        if len(mine) == 0:
+            continue
+        steps, chains = draw.step[mine], draw.chain[mine]
+        out.x_n[mine] = block.xs[steps, chains]
+        out.x_prev[mine] = block.xs[steps + 1, chains]
+        out.x_0[mine] = block.xs[-1, chains]
+        out.n[mine] = block.ns[steps]
+        out.log_prob[mine] = block.log_probs[steps, chains]
+        out.version[mine] = block.version
+    return out
+
+
 def block_transitions(block: TrajectoryBlock) -> TransitionBatch:
     """Every trainable transition of a block, step-major."""
     steps = np.repeat(block.trainable_steps, block.num_chains)
@@ -197,7 +256,7 @@ class ReplayBuffer:
     def versions(self) -> list[int]:
         return sorted({meta.version for _, meta in self._entries})
 
-    def sample(self, num_batches: int, batch_size: int, seed: int) -> TransitionBatch:
+    def draw(self, num_batches: int, batch_size: int, seed: int) -> Draw:
         """``num_batches * batch_size`` transitions; each batch uniform without replacement.
 
         (With replacement when the buffer holds fewer transitions than ``batch_size``.)
@@ -209,31 +268,41 @@ class ReplayBuffer:
         picks = np.concatenate(
             [rng.choice(total, size=batch_size, replace=batch_size > total) for _ in range(num_batches)]
         )
-        return self._gather(picks)
+        return self._draw(picks)
 
-    def all_transitions(self) -> TransitionBatch:
+    def draw_all(self) -> Draw:
+        """Every transition, block by block, step-major within a block."""
         if self.num_transitions == 0:
             raise RuntimeError("the replay buffer is empty: no transitions to hand out")
-        return self._gather(np.arange(self.num_transitions))
+        return self._draw(np.arange(self.num_transitions))
 
-    def _gather(self, picks: np.ndarray) -> TransitionBatch:
-        """Transitions at global indices ``picks``, in that order."""
+    def sample(self, num_batches: int, batch_size: int, seed: int) -> TransitionBatch:
+        """``draw``'s transitions, gathered here."""
+        return self._gather(self.draw(num_batches, batch_size, seed))
+
+    def all_transitions(self) -> TransitionBatch:
+        return self._gather(self.draw_all())
+
+    def _draw(self, picks: np.ndarray) -> Draw:
+        """The transitions at global indices ``picks`` (block by block, then step-major), in that order."""
         sizes = np.array([meta.num_transitions for _, meta in self._entries])
         offsets = np.concatenate([[0], np.cumsum(sizes)])
-        entry_of = np.searchsorted(offsets, picks, side="right") - 1
-        used = np.unique(entry_of)
+        entry = np.searchsorted(offsets, picks, side="right") - 1
+        local = picks - offsets[entry]
+        chains_of = np.array([meta.num_chains for _, meta in self._entries])[entry]
+        step = np.empty(len(picks), np.int64)
+        for e in np.unique(entry):  # the k-th trainable step of the block, as an index into its S steps
+            rows = entry == e
+            step[rows] = np.asarray(self._entries[e][1].trainable_steps)[local[rows] // chains_of[rows]]
+        block_ids = tuple(meta.block_id for _, meta in self._entries)
+        return Draw(block_ids, entry.astype(np.int64), step, (local % chains_of).astype(np.int64))
+
+    def _gather(self, draw: Draw) -> TransitionBatch:
+        """``gather`` in this process: the blocks the draw uses, fetched in one call."""
+        used = np.unique(draw.block)
         blocks = self._resolve([self._entries[e][0] for e in used])  # one fetch for all of them
-        parts, order = [], []
-        for e, block in zip(used, blocks, strict=True):
-            meta = self._entries[e][1]
-            rows = np.nonzero(entry_of == e)[0]
-            local = picks[rows] - offsets[e]
-            steps = np.asarray(meta.trainable_steps)[local // meta.num_chains]
-            chains = local % meta.num_chains
-            parts.append(gather_transitions(block, steps, chains))
-            order.append(rows)
-        batch = TransitionBatch.concat(parts)
-        return batch.select(np.argsort(np.concatenate(order), kind="stable"))
+        return gather(Draw(tuple(draw.block_ids[e] for e in used), np.searchsorted(used, draw.block),
+                           draw.step, draw.chain), blocks)
 
     def refill(
         self,
@@ -243,11 +312,12 @@ class ReplayBuffer:
         num_batches: int = 0,
         batch_size: int = 0,
         seed: int = 0,
-    ) -> TransitionBatch:
+    ) -> Draw:
         """Sync mode's buffer work for one iteration of Algorithm 1 in one call: drop the previous
-        iteration's blocks (its step 5, "clear the buffer"), add this iteration's and hand out the
-        generator phase's data: ``draw="samples"`` is ``sample(num_batches, batch_size, seed)``,
-        ``draw="all"`` is ``all_transitions()``.
+        iteration's blocks (its step 5, "clear the buffer"), add this iteration's and say which
+        transitions the generator phase learns from: ``draw="samples"`` is
+        ``draw(num_batches, batch_size, seed)``, ``draw="all"`` is ``draw_all()``. The learner
+        gathers them from the blocks (``gather``): the buffer never fetches one.
 
         One call rather than three because every actor call costs CPU in several processes
         (about 1.75 ms on a 2-core machine), taken from the critic computing beside it.
@@ -261,7 +331,7 @@ class ReplayBuffer:
             raise ValueError(f"draw must be 'samples' or 'all', not {draw!r}")
         self.clear()
         self.add_many(handles, metas)
-        return self.sample(num_batches, batch_size, seed) if draw == "samples" else self.all_transitions()
+        return self.draw(num_batches, batch_size, seed) if draw == "samples" else self.draw_all()
 
     def clear(self) -> int:
         """Drop every block (sync mode: ``refill`` does it for each new iteration); returns how many

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sftrl.buffer import BlockMeta, ReplayBuffer, TransitionBatch
+from sftrl.buffer import BlockMeta, Draw, ReplayBuffer
 from sftrl.critic import CriticLearner
 from sftrl.handles import Handle
 from sftrl.learner import Learner
@@ -36,6 +36,11 @@ class Client:
 
     def ping(self) -> None:
         self.handle.ping()
+
+    def available(self, futures: Sequence[Future]) -> list[bool]:
+        """Whether each future's value (a rollout block) can still be read, found out where this
+        component runs: a block is never fetched to the driver."""
+        return self.handle.available(list(futures))
 
     def placement(self) -> dict[str, Any]:
         return self.handle.placement()
@@ -70,7 +75,8 @@ class BufferClient(Client):
 
     def refill(self, blocks: Sequence[Future], metas: Sequence[BlockMeta], draw: str, num_batches: int,
                batch_size: int, seed: int) -> Future:
-        """Step 5 then the generator phase's draw: a future ``TransitionBatch``."""
+        """Step 5 then the generator phase's draw: a future ``Draw`` (which transitions; the
+        learner gathers them from the blocks)."""
         return self.handle.call(ReplayBuffer.refill, list(blocks), list(metas), draw, num_batches, batch_size, seed)
 
     def discard(self, block_ids: Sequence[str]) -> Future:
@@ -110,9 +116,11 @@ class LearnerClient(Client):
         """The metrics of an ``update_and_publish`` call, waited for."""
         return self.handle.resolve(future)
 
-    def update_and_publish(self, data: Future | TransitionBatch | None, critic: Future | Weights) -> tuple[Future, Future]:
-        """One generator phase with the critic's weights: ``(metrics, theta's next Weights)``."""
-        metrics, weights = self.handle.call(Learner.update_and_publish, data, critic, num_returns=2)
+    def update_and_publish(self, draw: Future | Draw | None, critic: Future | Weights,
+                           blocks: Sequence[Future] = ()) -> tuple[Future, Future]:
+        """One generator phase with the critic's weights on the transitions ``draw`` names, gathered
+        by the learner from ``blocks``: ``(metrics, theta's next Weights)``."""
+        metrics, weights = self.handle.call(Learner.update_and_publish, draw, critic, *blocks, num_returns=2)
         return metrics, weights
 
     def get_weights(self) -> Future:
@@ -157,8 +165,9 @@ class LearnerGroup(LearnerClient):
     def members(self) -> list[LearnerClient]:
         return self._members
 
-    def update_and_publish(self, data: Future | TransitionBatch | None, critic: Future | Weights) -> tuple[Future, Future]:
-        calls = [m.update_and_publish(data, critic) for m in self._members]
+    def update_and_publish(self, draw: Future | Draw | None, critic: Future | Weights,
+                           blocks: Sequence[Future] = ()) -> tuple[Future, Future]:
+        calls = [m.update_and_publish(draw, critic, blocks) for m in self._members]
         return [metrics for metrics, _ in calls], calls[0][1]
 
     def metrics(self, future: Future) -> Metrics:

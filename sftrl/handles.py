@@ -37,6 +37,8 @@ class Handle(Protocol):
 
     def ping(self) -> None: ...
 
+    def available(self, futures: list[Any]) -> list[bool]: ...
+
     def probe(self) -> Any: ...
 
     def done(self, future: Any) -> bool: ...
@@ -74,6 +76,10 @@ class LocalHandle:
 
     def ping(self) -> None:
         """Raise ComponentLost if the component is gone (a local object never is)."""
+
+    def available(self, futures: list[Any]) -> list[bool]:
+        """Whether each future's value can still be read (a value held here always can)."""
+        return [True] * len(futures)
 
     def probe(self) -> Any:
         """A future that resolves once the component answers (``ping`` without waiting)."""

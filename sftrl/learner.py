@@ -10,7 +10,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from sftrl.algos.base import PolicyAlgorithm, PolicyContext, Shard
-from sftrl.buffer import TransitionBatch
+from sftrl.buffer import Draw, TrajectoryBlock, TransitionBatch, gather
 from sftrl.config import PerfConfig
 from sftrl.diffusion.schedules import SamplingSchedule
 from sftrl.diffusion.step import Reduction
@@ -28,7 +28,8 @@ from sftrl.weights import (
 )
 
 PHASE_S = "phase_s"  # seconds of a generator phase (on its first step's metrics)
-DATA_BYTES = "data_bytes"  # bytes of the transitions the phase was handed (likewise)
+DATA_BYTES = "data_bytes"  # bytes of the transitions the phase learned from (likewise)
+GATHER_S = "gather_s"  # seconds the learner took to gather them from the blocks (likewise)
 
 
 def sampler_state_dict(learner_state: dict) -> dict:
@@ -200,10 +201,20 @@ class Learner:
             self.lr_schedule.step()
         return metrics
 
-    def update_and_publish(self, data: TransitionBatch | None, critic: Weights) -> tuple[list[dict[str, float]], Weights]:
-        """One generator phase, then the new weights: ``(metrics, get_weights())`` (the next
-        iteration's rollouts take them straight from this call)."""
-        return self.update_policy(data, critic), self.get_weights()
+    def update_and_publish(self, draw: Draw | None, critic: Weights, *blocks: TrajectoryBlock
+                           ) -> tuple[list[dict[str, float]], Weights]:
+        """One generator phase on the transitions ``draw`` names, gathered here from ``blocks``
+        (``sftrl.buffer.gather``; None: the algorithm takes no buffer data), then the new weights:
+        ``(metrics, get_weights())`` (the next iteration's rollouts take them straight from this
+        call). The blocks are separate arguments: through Ray each is read in place from this
+        node's object store, fetched there while the critic works on them."""
+        start = time.perf_counter()
+        data = gather(draw, blocks) if draw is not None else None
+        gathered = time.perf_counter() - start
+        metrics = self.update_policy(data, critic)
+        if metrics:
+            metrics[0] = {**metrics[0], GATHER_S: gathered}
+        return metrics, self.get_weights()
 
     def join_group(self, init_method: str, rank: int, world: int) -> None:
         """Share every policy batch with ``world`` learners (``ray.num_learners``): join their

@@ -18,6 +18,7 @@ import dataclasses
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sftrl.clients import Future, WorkerClient
@@ -68,8 +69,12 @@ class Rollouts:
 class RolloutPool:
     """See the module doc. ``ledger`` receives the failures and the events."""
 
-    def __init__(self, workers: list[WorkerClient], settings: RolloutConfig, chains_per_block: int, ledger: RunLedger):
+    def __init__(self, workers: list[WorkerClient], settings: RolloutConfig, chains_per_block: int, ledger: RunLedger,
+                 available: Callable[[list[Future]], list[bool]]):
+        """``available(blocks)``: whether each block can still be read, found out away from the
+        driver (the critic's ``Client.available``)."""
         self.workers = workers
+        self.available = available
         self.settings = settings
         self.chains_per_block = chains_per_block
         self.ledger = ledger
@@ -169,21 +174,27 @@ class RolloutPool:
         it died (async mode queues several iterations') fail in their own iterations and are
         recovered there, without counting that death again.
         """
-        delivered, failed, lost = [], [], []
+        answered, failed, lost = [], [], []
         for call in rollouts.calls:
             try:
                 call.worker.resolve(call.out[-1])
+                answered.append(call)
             except ComponentLost as err:
                 failed.extend(call.ids)
                 lost.append(call.worker)
                 self._note_death(call, iteration, str(err))
-                continue
-            try:  # the summary lives with the driver, the blocks on the worker's node: a lost node takes them
-                call.worker.resolve(list(call.out[:-1]))
+        # The summary lives with the driver, the blocks on the worker's node: a lost node takes
+        # them. Whether they are still there is found out where they are read next, not here.
+        readable = self.available([block for call in answered for block in call.out[:-1]])
+        delivered, start = [], 0
+        for call in answered:
+            start += len(call.ids)
+            if all(readable[start - len(call.ids) : start]):
                 delivered.append(call)
-            except ComponentLost as err:
+            else:
                 failed.extend(call.ids)
-                self.ledger.event(iteration, "blocks_lost", str(err))
+                self.ledger.event(iteration, "blocks_lost", f"blocks {', '.join(call.ids)} of {call.worker.name} "
+                                  "were lost with their node after the call returned")
         if not failed:
             raise RolloutError("the critic update failed but every rollout call succeeded")
         # A worker that delivered one call and then died is lost: its delivered blocks are kept.

@@ -27,7 +27,7 @@ from sftrl.config import Config
 from sftrl.configtools import to_dict
 from sftrl.critic import UPDATE_S
 from sftrl.handles import ComponentLost
-from sftrl.learner import DATA_BYTES, PHASE_S
+from sftrl.learner import DATA_BYTES, GATHER_S, PHASE_S
 from sftrl.ledger import RunLedger
 from sftrl.optim import SKIPPED
 from sftrl.plan import RunPlan
@@ -58,7 +58,7 @@ class DivergedError(RuntimeError):
 
 
 # What the components measure of themselves: summed into time/ and bytes/ lines, not averaged.
-OWN_MEASURES = (UPDATE_S, PHASE_S, DATA_BYTES)
+OWN_MEASURES = (UPDATE_S, PHASE_S, DATA_BYTES, GATHER_S)
 
 
 def mean_metrics(entries: list[dict[str, float]], prefix: str) -> dict[str, float]:
@@ -95,7 +95,8 @@ class Trainer:
         self.progress = progress
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", log_sinks)
         self.ledger = RunLedger()
-        self.pool = RolloutPool(system.workers, cfg.rollout, self.plan.batch_size, self.ledger)
+        # a lost block is told from a present one by the critic, which reads the blocks next
+        self.pool = RolloutPool(system.workers, cfg.rollout, self.plan.batch_size, self.ledger, system.critic.available)
         self.read_ahead = ReadAhead(self.collect_rollouts, iterations=cfg.trainer.iterations,
                                     checkpoint_every=cfg.trainer.checkpoint_every, max_lag=cfg.rollout.max_lag)
         started = time.monotonic() if started is None else started
@@ -196,12 +197,15 @@ class Trainer:
         """Submit the generator phase: the blocks replace the last iteration's in the buffer, the
         learner takes n_generator policy steps on buffer samples with rewards relabelled by
         ``critic_weights``, and returns its metrics and theta's next version."""
-        p, data = self.plan, None
-        if p.data_need != "none":
-            metas = [BlockMeta(block_id, rollouts.version, p.batch_size, p.trainable_steps) for block_id in rollouts.ids]
-            data = self.system.buffer.refill(rollouts.blocks(), metas, p.data_need, p.n_generator, p.batch_size,
-                                             p.seeds.buffer_draw(self.iteration))
-        return Pending(*self.system.learner.update_and_publish(data, critic_weights))
+        p = self.plan
+        if p.data_need == "none":
+            return Pending(*self.system.learner.update_and_publish(None, critic_weights))
+        metas = [BlockMeta(block_id, rollouts.version, p.batch_size, p.trainable_steps) for block_id in rollouts.ids]
+        draw = self.system.buffer.refill(rollouts.blocks(), metas, p.data_need, p.n_generator, p.batch_size,
+                                         p.seeds.buffer_draw(self.iteration))
+        # The learner gathers the drawn transitions from the blocks themselves: with Ray its node
+        # fetches them while the critic works on them, and neither the buffer nor the driver does.
+        return Pending(*self.system.learner.update_and_publish(draw, critic_weights, rollouts.blocks()))
 
     def recover(self, rollouts: Rollouts, policy: Pending) -> None:
         """After a failed critic call: name a dead learner or critic, else have the pool collect
@@ -276,6 +280,7 @@ class Trainer:
             "time/rollout_s": self._rollout_s,
             "time/critic_s": sum(m.get(UPDATE_S, 0.0) for m in critic_metrics),
             "time/learner_s": sum(m.get(PHASE_S, 0.0) for m in policy_metrics),
+            "time/learner_gather_s": sum(m.get(GATHER_S, 0.0) for m in policy_metrics),
             "bytes/rollout_blocks": self._rollout_bytes,
             "bytes/policy_batch": sum(m.get(DATA_BYTES, 0.0) for m in policy_metrics),
             "throughput/rollout_chains_per_s": self.plan.chains_per_iteration / seconds,

@@ -26,9 +26,22 @@ def test_the_throughput_benchmark_runs_every_part_tiny_on_the_cpu(tmp_path):
         r = parts["runs"][run]
         assert r["time/iteration_s"] > 0 and r["chains_per_s"] > 0 and r["bytes/rollout_blocks"] > 0
         assert 0 < r["time/rollout_s"] and 0 < r["time/critic_s"] and 0 < r["time/learner_s"]
+        assert 0 < r["time/learner_gather_s"] < r["time/iteration_s"]
     assert set(parts["scaling"]["workers"]) == {"1", "2"}
     assert parts["scaling"]["workers"]["1"]["rollout_speedup"] == 1.0
     assert "| U-Net NFE/s |" in report["markdown"] and "| rollout workers |" in report["markdown"]
+
+
+def test_the_data_path_benchmark_compares_the_two_paths_tiny(tmp_path):
+    out = tmp_path / "data-path.json"
+    result = run_cli(["benchmarks.data_path", "--small", "--repeats", "1", "--out", str(out)], cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for r in report["configs"].values():
+        assert all(len(s) == 1 and s[0] > 0 for s in r["seconds_all"].values())
+        put = r["object_store_bytes_beside_the_blocks"]
+        assert put["learner gathers"] < put["buffer gathers"]  # a draw, not the transitions' states
+    assert "| celeba |" in out.with_suffix(".md").read_text()
 
 
 def test_the_sample_memory_trend_sees_a_held_growth_and_not_the_per_batch_swings():

@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO, assert_close
 from sftrl.algos import losses, make_algorithm
-from sftrl.buffer import ReplayBuffer, TrajectoryBlock, block_transitions
+from sftrl.buffer import Draw, ReplayBuffer, TrajectoryBlock, block_transitions, gather
 from sftrl.config import AlgoConfig, load
 from sftrl.critic import CriticLearner, TensorData
 from sftrl.data.toy import gaussian_cluster
@@ -210,17 +210,37 @@ def test_buffer_resolves_the_blocks_a_draw_needs_in_one_call():
     np.testing.assert_array_equal(everything.x_n, expected.all_transitions().x_n)
 
 
+def test_a_draw_names_transitions_in_a_few_bytes_and_the_learner_gathers_them_from_the_blocks():
+    """The buffer's draw is indices only; ``gather`` makes the same batch from the blocks in any
+    order (what the learner is handed), never from blocks the draw does not name, and refuses a
+    draw whose blocks are missing."""
+    blocks = [synthetic_block("a", 3, 4), synthetic_block("b", 5, 6, offset=1000.0), synthetic_block("c", 5, 2)]
+    buf = ReplayBuffer()
+    buf.add_blocks(blocks[:2])
+    draw = buf.draw(3, 7, seed=0)
+    batch = gather(draw, blocks[:2])
+    for field in dataclasses.fields(batch):
+        np.testing.assert_array_equal(getattr(batch, field.name), getattr(buf.sample(3, 7, seed=0), field.name))
+    np.testing.assert_array_equal(gather(draw, [blocks[2], blocks[1], blocks[0]]).x_n, batch.x_n)
+    assert draw.block_ids == ("a", "b") and len(draw) == 21
+    assert draw.nbytes == 3 * 8 * 21 < batch.nbytes  # image blocks: 24 bytes against 3 images a row
+    with pytest.raises(ValueError, match=r"names blocks \['b'\] that were not handed over"):
+        gather(draw, blocks[:1])
+    with pytest.raises(ValueError, match="empty draw"):
+        gather(Draw((), *(np.zeros(0, np.int64),) * 3), blocks)
+
+
 def test_buffer_refill_replaces_the_last_iterations_blocks_and_draws_from_the_new_ones():
     buf = ReplayBuffer()
     first = [synthetic_block("it0/b0", 0, 2), synthetic_block("it0/b1", 0, 3, offset=1000.0)]
     drawn = buf.refill(first, [b.meta() for b in first], "samples", 2, 4, seed=5)
     expected = ReplayBuffer()
     expected.add_blocks(first)
-    np.testing.assert_array_equal(drawn.x_n, expected.sample(2, 4, seed=5).x_n)  # add, then sample
+    np.testing.assert_array_equal(gather(drawn, first).x_n, expected.sample(2, 4, seed=5).x_n)  # add, then sample
     second = [synthetic_block("it1/b0", 1, 4, offset=2000.0)]
     everything = buf.refill(second, [b.meta() for b in second], "all")
     assert buf.versions() == [1] and len(everything) == 2 * 4  # the first iteration's blocks are gone
-    np.testing.assert_array_equal(everything.x_n, block_transitions(second[0]).x_n)
+    np.testing.assert_array_equal(gather(everything, second).x_n, block_transitions(second[0]).x_n)
     assert buf.state()["blocks_added"] == 3
     with pytest.raises(ValueError, match="'everything'"):
         buf.refill([], [], "everything")

@@ -513,7 +513,8 @@ def test_a_workers_first_call_after_a_restart_gets_the_first_call_wait():
     class Worker:
         name = "worker-0"
 
-    pool = RolloutPool([Worker()], RolloutConfig(call_timeout_multiple=10, call_timeout_floor_s=60), 8, RunLedger())
+    pool = RolloutPool([Worker()], RolloutConfig(call_timeout_multiple=10, call_timeout_floor_s=60), 8, RunLedger(),
+                       available=lambda blocks: [True] * len(blocks))
     assert pool.call_timeout() == 600  # nothing timed yet: every call is a first call
     pool.call_seconds.extend([1.0, 2.0, 3.0])
     assert pool.call_timeout() == 60 and pool.call_timeout(first_call=True) == 600

@@ -52,6 +52,41 @@ def test_trainer_places_rollout_workers_on_both_nodes(tmp_path):
         cluster.shutdown()
 
 
+def test_blocks_lost_with_their_node_are_told_from_present_ones_without_the_driver_fetching_them():
+    """``RayHandle.available``: blocks whose only copy was on a node that is gone read as lost, and
+    the check reads blocks on the checking actor's node (the critic's), never the driver's: a block
+    it read before the loss is still there to read."""
+    import numpy as np
+
+    from sftrl.distributed.system import ComponentActor, RayHandle
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    producer_node = cluster.add_node(num_cpus=1, resources={"producer": 1})
+    cluster.add_node(num_cpus=1, resources={"checker": 1})
+    cluster.wait_for_nodes()
+    try:
+        ray.init(address=cluster.address)
+
+        @ray.remote(num_cpus=0, resources={"producer": 1}, max_restarts=0)
+        class Producer:
+            def block(self, seed):  # 1.2 MB: kept in the producer node's object store, not inlined
+                return np.random.default_rng(seed).standard_normal(300_000).astype(np.float32)
+
+        checker = RayHandle(ray.remote(ComponentActor).options(num_cpus=0, resources={"checker": 1}).remote(), "critic")
+        producer = Producer.remote()
+        read, unread = producer.block.remote(0), producer.block.remote(1)
+        ray.wait([read, unread], num_returns=2, fetch_local=False)
+        assert checker.available([read]) == [True]
+        driver_node = ray.get_runtime_context().get_node_id()
+        for location in ray.experimental.get_object_locations([read, unread]).values():
+            assert driver_node not in location["node_ids"]  # the driver holds no copy
+        cluster.remove_node(producer_node)
+        assert checker.available([read, unread]) == [True, False]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -184,6 +184,10 @@ class StubHandle:
     def ping(self):
         pass
 
+    def available(self, futures):
+        self.calls.append(("available", (list(futures),)))
+        return [f is not LOST for f in futures]
+
 
 def test_recovery_keeps_what_a_dying_worker_delivered_and_counts_its_death_once(tmp_path):
     """Worker 0 delivers one call of iteration 0 and dies before the next, with iteration 1's call
@@ -262,6 +266,9 @@ def test_blocks_lost_with_their_node_are_collected_again_though_their_summary_ca
     trainer.recover(it0, Pending(LOST, None))
     assert [(c.worker.name, c.ids) for c in it0.calls] == [("worker-1", ["it0/b1"]), ("worker-1", ["it0/b0"])]
     assert [e["event"] for e in trainer.events] == ["blocks_lost"]
+    assert "blocks it0/b0 of worker-0 were lost with their node" in trainer.events[0]["detail"]
+    # the blocks' presence was asked of the critic (which reads them next), not fetched to the driver
+    assert critic.calls[-1] == ("available", ([LOST, "block-b"],))
 
 
 def test_lost_learner_stops_the_run_with_a_clear_error_and_the_checkpoint_intact(local_ray, tmp_path):

@@ -47,6 +47,19 @@ class ComponentActor:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def available(self, refs: list[Any]) -> list[bool]:
+        """Whether each object can still be read (a lost node takes the objects in its store),
+        found out by reading it here, on this actor's node: not the driver's (``RayHandle.available``)."""
+        out = []
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError:
+                out.append(False)
+            else:
+                out.append(True)
+        return out
+
     def rendezvous(self) -> str:
         """``tcp://IP:PORT`` on this actor's node where a torch.distributed group can meet (a port
         free now; the group forms at once)."""
@@ -95,6 +108,12 @@ class RayHandle:
 
     def ping(self) -> None:
         self.node_id()
+
+    def available(self, futures: list[Any]) -> list[bool]:
+        """Whether each object (a rollout block) can still be read, checked by this component's
+        actor, which fetches them to its node (the critic's: it reads them next), so that the
+        driver never holds a block."""
+        return self.resolve(self.actor.available.remote(list(futures)))  # in a list: not resolved by Ray
 
     def probe(self) -> Any:
         return self.actor.node_id.remote()
