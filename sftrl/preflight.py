@@ -7,6 +7,7 @@ change; the commands turn it into ``error: ...`` and exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -107,6 +108,39 @@ def warn_if_average_lags(cfg: Config) -> None:
         print(f"warning: algo.ema_decay = {decay:g} averages about the last {1 / (1 - decay):.0f} iterations "
               f"(it is updated once per iteration), against trainer.iterations = {iterations}: at the end the "
               f"evaluated and sampled weights are still {start_share:.0%} the starting ones; {hint}", file=sys.stderr)
+
+
+# ``algo`` keys that one algorithm alone reads, by that algorithm's name
+ALGORITHM_KEYS = {"ppo_clip": "ppo", "ppo_epochs": "ppo"}
+
+
+def unused_algorithm_settings(cfg: Config) -> list[tuple[str, str]]:
+    """The ``algo`` settings the run's algorithm does not read, as ``(the algorithm that reads it,
+    "key = value")``: another algorithm's section (``algo.<name>.*``), and the keys of
+    ``ALGORITHM_KEYS`` set away from their defaults for another algorithm. Set, they look used;
+    ignored, they change nothing."""
+    a, defaults = cfg.algo, type(cfg.algo)()
+    unused = [(owner, f"algo.{key} = {getattr(a, key)!r}") for key, owner in ALGORITHM_KEYS.items()
+              if a.name != owner and getattr(a, key) != getattr(defaults, key)]
+    for name, section in a.sections.items():
+        if name != a.name:  # the values set away from the section's defaults; else the section itself
+            default = type(section)()
+            changed = [f"algo.{name}.{f.name} = {getattr(section, f.name)!r}" for f in dataclasses.fields(section)
+                       if getattr(section, f.name) != getattr(default, f.name)]
+            unused += [(name, text) for text in changed or [f"algo.{name}.* (its defaults)"]]
+    return unused
+
+
+def warn_if_settings_unused(cfg: Config) -> None:
+    """A setting of another algorithm than ``algo.name`` (``unused_algorithm_settings``) is most
+    likely a forgotten ``algo.name``: said before the run starts, which goes on."""
+    unused = unused_algorithm_settings(cfg)
+    if unused:
+        owners = list(dict.fromkeys(owner for owner, _ in unused))
+        fix = (f"read by algorithm '{owners[0]}'); set algo.name={owners[0]} to use them" if len(owners) == 1 else
+               f"read by algorithms {', '.join(repr(o) for o in owners)}); set algo.name to the one you meant")
+        print(f"warning: {'; '.join(text for _, text in unused)}: not used, since algo.name is '{cfg.algo.name}' "
+              f"({fix}, or remove them", file=sys.stderr)
 
 
 def physical_memory_bytes() -> int | None:

@@ -40,6 +40,7 @@ from sftrl.preflight import (
     resolve_config_path,
     warn_if_average_lags,
     warn_if_in_a_job_copy,
+    warn_if_settings_unused,
 )
 from sftrl.resume import resume_state
 from sftrl.rundir import RunDirectory, check_fresh, checkpoint_run_dir
@@ -125,6 +126,7 @@ def prepare(args: argparse.Namespace, started: float) -> Job:
                 raise UsageError(f"run directory '{run_dir}' already holds a run: pass --resume auto to continue it")
         warn_if_in_a_job_copy(run_dir)
         warn_if_average_lags(cfg)
+        warn_if_settings_unused(cfg)
     except BaseException:
         run.release()
         raise

@@ -569,3 +569,24 @@ def test_a_moving_average_longer_than_the_run_is_warned_about(capsys):
         assert capsys.readouterr().err == ""
     warn_if_average_lags(load(SMOKE, ["algo.ema_decay=0.9", "trainer.iterations=10"]))
     assert "a run this short needs no average (algo.ema_decay=0)" in capsys.readouterr().err
+
+
+def test_another_algorithms_settings_are_warned_about_and_the_runs_own_are_not(capsys):
+    """algo.sft-pg-kl.beta with algo.name=sft-pg (a forgotten algo.name) would change nothing."""
+    from sftrl.preflight import warn_if_settings_unused
+
+    warn_if_settings_unused(load(SMOKE, ["algo.sft-pg-kl.beta=0.1", "algo.ppo_epochs=4"]))
+    err = capsys.readouterr().err
+    assert err.startswith("warning: algo.ppo_epochs = 4; algo.sft-pg-kl.beta = 0.1: ")
+    assert ("not used, since algo.name is 'sft-pg' (read by algorithms 'ppo', 'sft-pg-kl'); set algo.name to the "
+            "one you meant, or remove them") in err
+    assert err.count("\n") == 1
+    warn_if_settings_unused(load(SMOKE, ["algo.sft-pg-kl.reference=best"]))
+    assert ("warning: algo.sft-pg-kl.reference = 'best': not used, "
+            "since algo.name is 'sft-pg' (read by algorithm 'sft-pg-kl'); set algo.name=sft-pg-kl to use them") in (
+        capsys.readouterr().err)
+    warn_if_settings_unused(load(SMOKE, ["algo.sft-pg-kl.beta=1.0"]))  # a section at its defaults is named
+    assert capsys.readouterr().err.startswith("warning: algo.sft-pg-kl.* (its defaults): not used")
+    for used in (["algo.name=sft-pg-kl", "algo.sft-pg-kl.beta=0.1"], ["algo.name=ppo", "algo.ppo_epochs=4"], []):
+        warn_if_settings_unused(load(SMOKE, used))
+        assert capsys.readouterr().err == ""
