@@ -120,23 +120,6 @@ class TransitionBatch:
             *(getattr(self, f.name)[index] for f in dataclasses.fields(self))
         )
 
-    @staticmethod
-    def concat(batches: Sequence[TransitionBatch]) -> TransitionBatch:
-        fields = [f.name for f in dataclasses.fields(TransitionBatch)]
-        return TransitionBatch(*(np.concatenate([getattr(b, name) for b in batches]) for name in fields))
-
-
-def gather_transitions(block: TrajectoryBlock, steps: np.ndarray, chains: np.ndarray) -> TransitionBatch:
-    """Transitions (k, b) of a block: step index ``steps`` ``(K,)`` and chain ``chains`` ``(K,)``."""
-    return TransitionBatch(
-        x_n=block.xs[steps, chains],
-        x_prev=block.xs[steps + 1, chains],
-        x_0=block.xs[-1, chains],
-        n=block.ns[steps],
-        log_prob=block.log_probs[steps, chains],
-        version=np.full(len(steps), block.version, dtype=np.int64),
-    )
-
 
 @dataclasses.dataclass(frozen=True)
 class Draw:
@@ -159,7 +142,7 @@ class Draw:
 
 def gather(draw: Draw, blocks: Sequence[TrajectoryBlock]) -> TransitionBatch:
     """The transitions of ``draw`` from ``blocks`` (which hold every block the draw names, in any
-    order; others are ignored): one copy of each row's states."""
+    order; others are ignored), copied out of them row by row in the draw's order."""
     by_id = {block.block_id: block for block in blocks}
     missing = [block_id for block_id in draw.block_ids if block_id not in by_id]
     if missing:
@@ -197,7 +180,7 @@ def block_transitions(block: TrajectoryBlock) -> TransitionBatch:
     """Every trainable transition of a block, step-major."""
     steps = np.repeat(block.trainable_steps, block.num_chains)
     chains = np.tile(np.arange(block.num_chains), len(block.trainable_steps))
-    return gather_transitions(block, steps, chains)
+    return gather(Draw((block.block_id,), np.zeros(len(steps), np.int64), steps, chains), [block])
 
 
 def _identity(handles: list[Any]) -> list[TrajectoryBlock]:
