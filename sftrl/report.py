@@ -162,6 +162,42 @@ def make_pictures(run_dir: Path, cfg: Config, init, trainer, data, tensorboard=N
     return out
 
 
+# What an iteration's metrics line says of where its time went and what it moved (sftrl.trainer).
+TIME_SPLIT = ("time/iteration_s", "time/rollout_s", "time/critic_s", "time/learner_s", "time/learner_gather_s",
+              "bytes/rollout_blocks", "bytes/policy_batch")
+
+
+def time_split(lines: list[dict]) -> dict[str, float] | None:
+    """The median of each of ``TIME_SPLIT`` over the metrics lines of iterations (the first one
+    left out, when there are others: it warms up), or None when none was logged."""
+    import statistics
+
+    timed = [x for x in lines if "time/iteration_s" in x]
+    timed = timed[1:] if len(timed) > 1 else timed
+    if not timed:
+        return None
+    return {key: statistics.median(x[key] for x in timed if key in x) for key in TIME_SPLIT
+            if any(key in x for x in timed)} | {"iterations_timed": len(timed)}
+
+
+def time_split_line(split: dict[str, float]) -> str:
+    """The report's line on where an iteration's time went (``time_split``)."""
+    def ms(key: str) -> str:
+        return f"{split[key] * 1e3:.1f} ms" if key in split else "n/a"
+
+    return (f"- an iteration, median of {split['iterations_timed']} logged: {ms('time/iteration_s')}; rollout call "
+            f"{ms('time/rollout_s')} (asked for ahead: it runs beside the rest), critic {ms('time/critic_s')}, "
+            f"learner {ms('time/learner_s')} plus {ms('time/learner_gather_s')} gathering its transitions; the rest "
+            f"is transfers, waiting and the driver. Rollout blocks {_size(split.get('bytes/rollout_blocks', 0))}, the "
+            f"learner's transitions {_size(split.get('bytes/policy_batch', 0))}")
+
+
+def _size(nbytes: float) -> str:
+    if nbytes < 1e3:
+        return f"{nbytes:.0f} bytes"
+    return next(f"{nbytes / scale:.1f} {unit}" for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")) if nbytes >= scale)
+
+
 def command_history(run_dir: Path, first_iteration: int, iterations: int, wall_s: float) -> list[dict]:
     """The run directory's fine-tuning commands so far, oldest first: ``{from_iteration,
     to_iteration, wall_s}`` each. A resumed run carries over those of the report it finds that
@@ -196,6 +232,7 @@ def write_report(
     ran = iterations - first_iteration  # in this command
     chains_ran = ran * trainer.plan.chains_per_iteration
     commands = command_history(run_dir, first_iteration, iterations, wall_s)
+    split = time_split(trainer.log.read())
     report = {
         "name": cfg.name,
         "algorithm": cfg.algo.name,
@@ -206,6 +243,7 @@ def write_report(
         "resumed_from_iteration": first_iteration,
         "wall_s": wall_s,
         "seconds_per_iteration": wall_s / ran if ran else None,
+        "time_split": split,  # medians of the logged iterations' time/ and bytes/ metrics
         "commands": commands,
         "pretrain": pretrain_info,
         "counters": trainer.counters,
@@ -253,6 +291,7 @@ def write_report(
         f"- rollout chains: {chains}"
         + (f" ({chains_ran / wall_s:.0f} per second{' in this command' if first_iteration else ''})"
            if ran and wall_s > 0 else ""),
+        *([time_split_line(split)] if split else []),
         *(["- commands: " + "; ".join(f"iterations {c['from_iteration']}-{c['to_iteration']} in {c['wall_s']:.1f} s"
                                        for c in commands)] if len(commands) > 1 else []),
         f"- initial sampler: {pretrain_info.get('source')} ({pretrain_info.get('path')}), "

@@ -39,6 +39,12 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run):
     assert train_lines[-1]["counters/chains"] == 20 * 2 * 64
     report = json.loads((run_dir / "report.json").read_text())
     assert report["backend"] == "ray" and report["iterations"] == 20
+    # where an iteration's time went: the medians of the logged lines but the first (5, 10, 15, 20)
+    split = report["time_split"]
+    assert split["iterations_timed"] == 3
+    assert split["time/critic_s"] == sorted(x["time/critic_s"] for x in train_lines[1:])[1]
+    assert 0 < split["time/learner_gather_s"] < split["time/learner_s"] < split["time/iteration_s"]
+    assert "- an iteration, median of 3 logged: " in (run_dir / "report.md").read_text()
     # Where each actor ran: one Ray node (this machine), every component on the CPU here.
     placement = report["placement"]
     assert set(placement) == {"worker-0", "buffer", "learner", "critic"}
