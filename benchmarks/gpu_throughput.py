@@ -171,13 +171,9 @@ def run_config(name: str, device: torch.device, small: bool, work: Path, lag: in
                       "--no-progress"], timeout=900, env={"TORCH_HOME": str(work / "torch-home")})
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steady = [x for x in lines if "time/iteration_s" in x][1:]  # the first one warms up
-    def median(key: str) -> float:
-        return statistics.median(x[key] for x in steady)
+    # the run's own medians of its logged time/ and bytes/ metrics, the first iteration left out
+    out = dict(json.loads((run_dir / "report.json").read_text())["time_split"])
     chains = cfg.algo.n_critic * cfg.algo.batch_size
-    out = {key: median(key) for key in ("time/iteration_s", "time/rollout_s", "time/critic_s", "time/learner_s",
-                                        "time/learner_gather_s", "bytes/rollout_blocks", "bytes/policy_batch")}
     out["chains_per_s"] = chains / out["time/iteration_s"]
     out["config_hours"] = load_iterations(name) * out["time/iteration_s"] / 3600
     return out

@@ -141,17 +141,17 @@ class Draw:
 
 
 def gather(draw: Draw, blocks: Sequence[TrajectoryBlock]) -> TransitionBatch:
-    """The transitions of ``draw`` from ``blocks`` (which hold every block the draw names, in any
-    order; others are ignored), copied out of them row by row in the draw's order."""
+    """The transitions of ``draw`` from ``blocks`` (which hold every block the draw takes rows
+    from, in any order; others are ignored), copied out of them row by row in the draw's order."""
+    if len(draw) == 0:
+        raise ValueError("an empty draw: no transitions to gather")
     by_id = {block.block_id: block for block in blocks}
-    missing = [block_id for block_id in draw.block_ids if block_id not in by_id]
+    used = np.unique(draw.block)
+    missing = [draw.block_ids[index] for index in used if draw.block_ids[index] not in by_id]
     if missing:
         raise ValueError(f"the draw names blocks {missing[:3]} that were not handed over with it "
                          f"(given: {sorted(by_id)[:3]}...)")
-    used = [by_id[block_id] for block_id in draw.block_ids]
-    if not used or len(draw) == 0:
-        raise ValueError("an empty draw: no transitions to gather")
-    first = used[0]
+    first = by_id[draw.block_ids[used[0]]]
     shape = first.xs.shape[2:]
     rows = len(draw)
     out = TransitionBatch(
@@ -162,10 +162,9 @@ def gather(draw: Draw, blocks: Sequence[TrajectoryBlock]) -> TransitionBatch:
         log_prob=np.empty(rows, first.log_probs.dtype),
         version=np.empty(rows, np.int64),
     )
-    for index, block in enumerate(used):
+    for index in used:
+        block = by_id[draw.block_ids[index]]
         mine = np.nonzero(draw.block == index)[0]
-        if len(mine) == 0:
-            continue
         steps, chains = draw.step[mine], draw.chain[mine]
         out.x_n[mine] = block.xs[steps, chains]
         out.x_prev[mine] = block.xs[steps + 1, chains]
@@ -282,10 +281,8 @@ class ReplayBuffer:
 
     def _gather(self, draw: Draw) -> TransitionBatch:
         """``gather`` in this process: the blocks the draw uses, fetched in one call."""
-        used = np.unique(draw.block)
-        blocks = self._resolve([self._entries[e][0] for e in used])  # one fetch for all of them
-        return gather(Draw(tuple(draw.block_ids[e] for e in used), np.searchsorted(used, draw.block),
-                           draw.step, draw.chain), blocks)
+        blocks = self._resolve([self._entries[e][0] for e in np.unique(draw.block)])  # one fetch for all of them
+        return gather(draw, blocks)
 
     def refill(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import yaml
@@ -170,8 +171,6 @@ TIME_SPLIT = ("time/iteration_s", "time/rollout_s", "time/critic_s", "time/learn
 def time_split(lines: list[dict]) -> dict[str, float] | None:
     """The median of each of ``TIME_SPLIT`` over the metrics lines of iterations (the first one
     left out, when there are others: it warms up), or None when none was logged."""
-    import statistics
-
     timed = [x for x in lines if "time/iteration_s" in x]
     timed = timed[1:] if len(timed) > 1 else timed
     if not timed:

@@ -320,12 +320,8 @@ class Trainer:
                             **{f"eval/{k}": v for k, v in result.items() if k != "iteration"}})
             if drawn:
                 self.save_pictures(finished.iteration, drawn)
-            if self.plan.reference_follows_best and score_of(result) is None and not self._said_unscored:
-                self._said_unscored = True  # once: every evaluation of the run is alike
-                print(f"warning: algo.{self.cfg.algo.name}.reference is 'best', but this run's evaluations have no "
-                      f"score ({'the FID is skipped, as said above' if result.get('fid_skipped') else 'no FID or SW2'}), so the KL stays anchored at the "
-                      "pretrained sampler; make the FID available (`sftrl weights inception` or "
-                      "trainer.fid_weights=FILE), or use 'pretrained'", file=sys.stderr)
+            if self.plan.reference_follows_best and score_of(result) is None:
+                self.warn_unscored_reference(result)
             if finished.weights is not None and is_new_best(result, self.evaluations[:-1]):
                 if self.cfg.trainer.keep_best:
                     self.keep_best(finished, result)
@@ -334,6 +330,17 @@ class Trainer:
             self.diverged = self.diverged or self.divergence(result)
             done.append(result)
         return done
+
+    def warn_unscored_reference(self, result: dict[str, Any]) -> None:
+        """Once per run (its evaluations are all alike): a reference that follows the best cannot
+        move when the evaluations have no score, so the KL stays anchored at theta_0."""
+        if self._said_unscored:
+            return
+        self._said_unscored = True
+        why = "the FID is skipped, as said above" if result.get("fid_skipped") else "no FID or SW2"
+        print(f"warning: algo.{self.cfg.algo.name}.reference is 'best', but this run's evaluations have no score "
+              f"({why}), so the KL stays anchored at the pretrained sampler; make the FID available "
+              "(`sftrl weights inception` or trainer.fid_weights=FILE), or use 'pretrained'", file=sys.stderr)
 
     def keep_best(self, finished: Finished, result: dict[str, Any]) -> None:
         """Save the scored weights of a new best evaluation as ``RUN/best-sampler.pt``
