@@ -150,10 +150,21 @@ def markdown(result: dict) -> str:
                       "(medians):", "", *rows, ""])
 
 
+def positive_int(text: str) -> int:
+    """``--repeats``: a whole number of at least 1 (a median needs one measurement)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "data-path.json"))
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=positive_int, default=10, help="measurements per path and config (>= 1)")
     parser.add_argument("--small", action="store_true", help="tiny sizes (to check the script)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

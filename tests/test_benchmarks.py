@@ -42,6 +42,10 @@ def test_the_data_path_benchmark_compares_the_two_paths_tiny(tmp_path):
         put = r["object_store_bytes_beside_the_blocks"]
         assert put["learner gathers"] < put["buffer gathers"]  # a draw, not the transitions' states
     assert "| celeba |" in out.with_suffix(".md").read_text()
+    bad = run_cli(["benchmarks.data_path", "--small", "--repeats", "0", "--out", str(tmp_path / "bad.json")], cwd=REPO,
+                  timeout=120)
+    assert bad.returncode == 2 and "argument --repeats: '0' is not a whole number of at least 1" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad.json").exists()
 
 
 def test_the_sample_memory_trend_sees_a_held_growth_and_not_the_per_batch_swings():
